@@ -1,0 +1,50 @@
+"""The per-call context that travels with activations through the model.
+
+The model is a pure function of (parameters, inputs, context): nothing in it holds random state or
+task state. PEFT modules read the task ids from here; dropout reads its key from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a forward pass needs besides activations.
+
+    Attributes:
+      task_ids: int32 `[batch]` (one task per example) or `[batch, length]` (one per token, for
+        packed rows that mix tasks), aligned with the activations this context travels with.
+        None when no PEFT module needs it.
+      dropout_key: PRNG key for dropout; None means deterministic (eval, decoding).
+    """
+
+    task_ids: jax.Array | None = None
+    dropout_key: jax.Array | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        return self.dropout_key is None
+
+    def replace(self, **changes) -> Context:
+        return dataclasses.replace(self, **changes)
+
+
+def site_salt(name: str) -> int:
+    """A stable integer for a dropout site, so every site draws an independent mask."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:
+    """Inverted dropout keyed by (ctx.dropout_key, salt); identity when deterministic."""
+    if rate <= 0.0 or ctx.deterministic:
+        return x
+    key = jax.random.fold_in(ctx.dropout_key, salt)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))

@@ -1,0 +1,86 @@
+"""Small building blocks with logical axis names on every parameter.
+
+Every `nnx.Param` carries `axes`, a tuple of logical axis names (one per array dimension) that
+`peftjax.sharding` maps to mesh axes through the config's rules table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models.context import Context
+
+
+def normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+class Dense(nnx.Module):
+    """`y = x @ kernel` (T5 has no biases). kernel: `[in, out]`.
+
+    Every projection in the model is a Dense, so PEFT methods attach to any of them by path.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
+                 std: float, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.kernel = nnx.Param(normal(std)(rngs.params(), (in_features, out_features),
+                                            param_dtype), axes=axes)
+
+    def __call__(self, x: jax.Array, ctx: Context | None = None) -> jax.Array:
+        del ctx  # a plain projection ignores the context; PEFT wrappers read it
+        return jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
+
+
+class Embed(nnx.Module):
+    """Token embedding table `[vocab, embed]`; `attend` is the tied output projection."""
+
+    def __init__(self, vocab_size: int, features: int, *, rngs: nnx.Rngs, std: float = 1.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.embedding = nnx.Param(normal(std)(rngs.params(), (vocab_size, features), param_dtype),
+                                   axes=("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding.value.astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """T5 layer norm: scale only, no mean subtraction, statistics in float32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.eps, self.dtype = eps, dtype
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), axes=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(variance + self.eps)
+        return (y * self.scale.value.astype(jnp.float32)).astype(self.dtype)
+
+
+class Hook(nnx.Module):
+    """A named insertion point on the residual stream: identity until a PEFT method replaces it.
+
+    Called on a sub-layer's output before the residual add: `x + hook(sublayer(norm(x)), ctx)`.
+    """
+
+    def __call__(self, h: jax.Array, ctx: Context | None = None) -> jax.Array:
+        del ctx
+        return h
+
+
+def activation_fn(name: str):
+    return {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+    }[name]

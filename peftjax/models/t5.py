@@ -1,0 +1,252 @@
+"""T5 v1.1 / Flan-T5 (and original T5) encoder-decoder in Flax NNX.
+
+Named PEFT insertion points, as dotted module paths (see `peftjax.peft.inject`):
+
+    encoder.layers.{i}.self_attention.{q,k,v,o}     decoder.layers.{i}.self_attention.{q,k,v,o}
+    encoder.layers.{i}.mlp.{wi_0,wi_1,wo} (wi)      decoder.layers.{i}.cross_attention.{q,k,v,o}
+    encoder.layers.{i}.{post_attention,post_ffn}    decoder.layers.{i}.mlp.{wi_0,wi_1,wo}
+                                                    decoder.layers.{i}.{post_attention,
+                                                      post_cross_attention,post_ffn}
+
+Projections are `Dense` modules and residual hooks are `Hook` modules; PEFT methods replace them.
+Inputs use seqio feature names; token 0 is padding and the decoder start token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models.attention import Attention, RelativePositionBias, mask_to_bias
+from peftjax.models.config import T5Config
+from peftjax.models.context import Context, dropout, site_salt
+from peftjax.models.layers import Dense, Embed, Hook, RMSNorm, activation_fn
+
+KVCache = tuple[jax.Array, jax.Array]  # keys, values: [batch, max_length, heads, d_kv]
+
+
+class MLP(nnx.Module):
+    """Gated (`act(x wi_0) * (x wi_1)`, v1.1) or plain (`act(x wi)`, original T5) feed-forward."""
+
+    def __init__(self, cfg: T5Config, *, salt: int, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        d, f = cfg.d_model, cfg.d_ff
+        self.is_gated = cfg.is_gated
+        if cfg.is_gated:
+            self.wi_0 = Dense(d, f, axes=("embed", "mlp"), std=d ** -0.5, **kw)
+            self.wi_1 = Dense(d, f, axes=("embed", "mlp"), std=d ** -0.5, **kw)
+        else:
+            self.wi = Dense(d, f, axes=("embed", "mlp"), std=d ** -0.5, **kw)
+        self.wo = Dense(f, d, axes=("mlp", "embed"), std=f ** -0.5, **kw)
+        self.act = activation_fn(cfg.activation)
+        self.dropout_rate, self.salt = cfg.dropout_rate, salt
+
+    def __call__(self, x_btd: jax.Array, ctx: Context) -> jax.Array:
+        if self.is_gated:
+            h_btf = self.act(self.wi_0(x_btd, ctx)) * self.wi_1(x_btd, ctx)
+        else:
+            h_btf = self.act(self.wi(x_btd, ctx))
+        h_btf = dropout(h_btf, self.dropout_rate, ctx, self.salt)
+        return self.wo(h_btf, ctx)
+
+
+class _Layer(nnx.Module):
+    """Shared residual wiring: `x + hook(dropout(sublayer(norm(x))))`."""
+
+    def _residual(self, x, y, hook: nnx.Module, ctx: Context, salt: int) -> jax.Array:
+        return x + hook(dropout(y, self.dropout_rate, ctx, salt), ctx)
+
+
+class EncoderLayer(_Layer):
+    def __init__(self, cfg: T5Config, index: int, *, rngs: nnx.Rngs):
+        name = f"encoder.{index}"
+        norm_kw = dict(eps=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
+                       param_dtype=jnp.dtype(cfg.param_dtype))
+        self.attention_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.self_attention = Attention(cfg, salt=site_salt(name + ".attn"), rngs=rngs)
+        self.post_attention = Hook()
+        self.mlp_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.mlp = MLP(cfg, salt=site_salt(name + ".mlp"), rngs=rngs)
+        self.post_ffn = Hook()
+        self.dropout_rate = cfg.dropout_rate
+        self.salts = (site_salt(name + ".res_attn"), site_salt(name + ".res_ffn"))
+
+    def __call__(self, x_btd: jax.Array, bias: jax.Array, ctx: Context) -> jax.Array:
+        h = self.attention_norm(x_btd)
+        x_btd = self._residual(x_btd, self.self_attention(h, h, bias, ctx), self.post_attention,
+                               ctx, self.salts[0])
+        y = self.mlp(self.mlp_norm(x_btd), ctx)
+        return self._residual(x_btd, y, self.post_ffn, ctx, self.salts[1])
+
+
+class DecoderLayer(_Layer):
+    def __init__(self, cfg: T5Config, index: int, *, rngs: nnx.Rngs):
+        name = f"decoder.{index}"
+        norm_kw = dict(eps=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
+                       param_dtype=jnp.dtype(cfg.param_dtype))
+        self.attention_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.self_attention = Attention(cfg, salt=site_salt(name + ".attn"), rngs=rngs)
+        self.post_attention = Hook()
+        self.cross_attention_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.cross_attention = Attention(cfg, salt=site_salt(name + ".cross"), rngs=rngs)
+        self.post_cross_attention = Hook()
+        self.mlp_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.mlp = MLP(cfg, salt=site_salt(name + ".mlp"), rngs=rngs)
+        self.post_ffn = Hook()
+        self.dropout_rate = cfg.dropout_rate
+        self.salts = tuple(site_salt(name + s) for s in (".res_attn", ".res_cross", ".res_ffn"))
+
+    def __call__(self, x_btd: jax.Array, cross_kv: KVCache, self_bias: jax.Array,
+                 cross_bias: jax.Array, ctx: Context, cache: KVCache | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """One layer; with `cache`, writes this step's keys/values at `index` and attends to all."""
+        h = self.attention_norm(x_btd)
+        k, v = self.self_attention.key_values(h, ctx)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 1)
+            cache = (k, v)
+        y = self.self_attention.attend(h, k, v, self_bias, ctx)
+        x_btd = self._residual(x_btd, y, self.post_attention, ctx, self.salts[0])
+        y = self.cross_attention.attend(self.cross_attention_norm(x_btd), *cross_kv, cross_bias,
+                                        ctx)
+        x_btd = self._residual(x_btd, y, self.post_cross_attention, ctx, self.salts[1])
+        y = self.mlp(self.mlp_norm(x_btd), ctx)
+        return self._residual(x_btd, y, self.post_ffn, ctx, self.salts[2]), cache
+
+
+def _segment_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
+    """`[batch, 1, q, k]`: attend only within the same packed segment."""
+    return (q_segments[:, None, :, None] == k_segments[:, None, None, :])
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
+        self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs)
+                                for i in range(cfg.num_encoder_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon,
+                                  dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        self.dropout_rate = cfg.dropout_rate
+        self.salts = (site_salt("encoder.embed"), site_salt("encoder.final"))
+
+    def __call__(self, x_bsd: jax.Array, key_mask_bs: jax.Array, ctx: Context,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        length = x_bsd.shape[1]
+        mask = key_mask_bs[:, None, None, :]
+        if segment_ids is not None:
+            mask = mask & _segment_mask(segment_ids, segment_ids)
+        bias = self.relative_attention_bias(length, length) + mask_to_bias(mask)
+        x_bsd = dropout(x_bsd, self.dropout_rate, ctx, self.salts[0])
+        for layer in self.layers:
+            x_bsd = layer(x_bsd, bias, ctx)
+        return dropout(self.final_norm(x_bsd), self.dropout_rate, ctx, self.salts[1])
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs)
+                                for i in range(cfg.num_decoder_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon,
+                                  dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        self.dropout_rate = cfg.dropout_rate
+        self.salts = (site_salt("decoder.embed"), site_salt("decoder.final"))
+
+    def cross_key_values(self, encoded_bsd: jax.Array, enc_ctx: Context) -> list[KVCache]:
+        return [layer.cross_attention.key_values(encoded_bsd, enc_ctx) for layer in self.layers]
+
+    def __call__(self, y_btd: jax.Array, cross_kv: list[KVCache], cross_bias: jax.Array,
+                 ctx: Context, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Teacher-forced decoding of a whole target sequence."""
+        length = y_btd.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        if segment_ids is not None:
+            causal = causal & _segment_mask(segment_ids, segment_ids)
+        self_bias = self.relative_attention_bias(length, length) + mask_to_bias(causal)
+        y_btd = dropout(y_btd, self.dropout_rate, ctx, self.salts[0])
+        for layer, kv in zip(self.layers, cross_kv, strict=True):
+            y_btd, _ = layer(y_btd, kv, self_bias, cross_bias, ctx)
+        return dropout(self.final_norm(y_btd), self.dropout_rate, ctx, self.salts[1])
+
+    def step(self, y_b1d: jax.Array, index: jax.Array, caches: list[KVCache],
+             cross_kv: list[KVCache], cross_bias: jax.Array,
+             ctx: Context) -> tuple[jax.Array, list[KVCache]]:
+        """Decode position `index` given cached keys/values of positions before it."""
+        max_length = caches[0][0].shape[1]
+        causal = (jnp.arange(max_length) <= index)[None, None, None, :]
+        self_bias = self.relative_attention_bias.row(index, max_length) + mask_to_bias(causal)
+        new_caches = []
+        for layer, kv, cache in zip(self.layers, cross_kv, caches, strict=True):
+            y_b1d, cache = layer(y_b1d, kv, self_bias, cross_bias, ctx, cache=cache, index=index)
+            new_caches.append(cache)
+        return self.final_norm(y_b1d), new_caches
+
+
+class T5(nnx.Module):
+    """T5 encoder-decoder: `model(encoder_input_tokens=..., decoder_input_tokens=...)` → logits."""
+
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.shared = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype, param_dtype=pdtype)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.decoder = Decoder(cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Dense(
+            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), std=1.0, rngs=rngs, dtype=dtype,
+            param_dtype=pdtype)
+
+    def encode(self, encoder_input_tokens: jax.Array, ctx: Context,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+        """`[batch, source]` tokens → `[batch, source, embed]`."""
+        return self.encoder(self.shared(encoder_input_tokens), encoder_input_tokens > 0, ctx,
+                            segment_ids)
+
+    def logits(self, y_btd: jax.Array) -> jax.Array:
+        if self.config.scale_decoder_outputs:
+            y_btd = y_btd * (self.config.d_model ** -0.5)
+        out = self.shared.attend(y_btd) if self.lm_head is None else self.lm_head(y_btd)
+        return out.astype(jnp.float32)
+
+    def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, *,
+                 encoder_segment_ids: jax.Array | None = None,
+                 decoder_segment_ids: jax.Array | None = None,
+                 task_ids: jax.Array | None = None,
+                 encoder_task_ids: jax.Array | None = None,
+                 decoder_task_ids: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """float32 logits `[batch, target, vocab]`.
+
+        Args:
+          encoder_input_tokens: int `[batch, source]`, 0 = padding.
+          decoder_input_tokens: int `[batch, target]`, targets shifted right (starts with 0).
+          encoder_segment_ids / decoder_segment_ids: packed-segment ids `[batch, length]`.
+          task_ids: `[batch]`, one task per example; or per token for packed rows through
+            `encoder_task_ids` `[batch, source]` and `decoder_task_ids` `[batch, target]`.
+          dropout_key: enables dropout (training); None = deterministic.
+        """
+        enc_ctx, dec_ctx = task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
+                                         dropout_key)
+        encoded = self.encode(encoder_input_tokens, enc_ctx, encoder_segment_ids)
+        cross_mask = (encoder_input_tokens > 0)[:, None, None, :]
+        if encoder_segment_ids is not None and decoder_segment_ids is not None:
+            cross_mask = cross_mask & _segment_mask(decoder_segment_ids, encoder_segment_ids)
+        cross_kv = self.decoder.cross_key_values(encoded, enc_ctx)
+        y = self.decoder(self.shared(decoder_input_tokens), cross_kv, mask_to_bias(cross_mask),
+                         dec_ctx, decoder_segment_ids)
+        return self.logits(y)
+
+
+def task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
+                  dropout_key) -> tuple[Context, Context]:
+    """Encoder-side and decoder-side contexts from per-example or per-token task ids."""
+    if task_ids is not None and (encoder_task_ids is not None or decoder_task_ids is not None):
+        raise ValueError("Pass either task_ids ([batch]) or encoder_task_ids/decoder_task_ids "
+                         "(per token), not both.")
+    enc_ids = task_ids if task_ids is not None else encoder_task_ids
+    dec_ids = task_ids if task_ids is not None else decoder_task_ids
+    enc_key = dec_key = dropout_key
+    if dropout_key is not None:
+        enc_key, dec_key = jax.random.split(dropout_key)
+    return Context(enc_ids, enc_key), Context(dec_ids, dec_key)
