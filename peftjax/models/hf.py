@@ -120,9 +120,9 @@ def from_hf(path: str, **config_overrides) -> T5:
     `[batch, length, vocab]`. `config_overrides` change non-shape fields (e.g. `dtype`,
     `dropout_rate`).
     """
+    cfg = load_hf_config(path, **config_overrides)
     tensors = _read_tensors(path)
-    untied = "lm_head.weight" in tensors
-    cfg = load_hf_config(path, **config_overrides).replace(tie_word_embeddings=not untied)
+    cfg = cfg.replace(tie_word_embeddings="lm_head.weight" not in tensors)
     abstract = nnx.eval_shape(lambda: T5(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
