@@ -33,7 +33,7 @@ def greedy_decode(model: T5, encoder_input_tokens: jax.Array, *, max_length: int
         index, token_b, caches, out_bt, done_b = state
         y, caches = model.decoder.step(model.shared(token_b[:, None]), index, caches, cross_kv,
                                        cross_bias, dec_ctx)
-        next_b = jnp.argmax(model.logits(y)[:, 0], axis=-1).astype(jnp.int32)
+        next_b = jnp.argmax(model.logits(y, dec_ctx)[:, 0], axis=-1).astype(jnp.int32)
         next_b = jnp.where(done_b, 0, next_b)
         out_bt = jax.lax.dynamic_update_slice_in_dim(out_bt, next_b[:, None], index, axis=1)
         return index + 1, next_b, caches, out_bt, done_b | (next_b == eos_id)

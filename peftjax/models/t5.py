@@ -203,10 +203,11 @@ class T5(nnx.Module):
         return self.encoder(self.shared(encoder_input_tokens), encoder_input_tokens > 0, ctx,
                             segment_ids)
 
-    def logits(self, y_btd: jax.Array) -> jax.Array:
+    def logits(self, y_btd: jax.Array, ctx: Context) -> jax.Array:
+        """Decoder states → float32 logits over the vocabulary (`lm_head` is an insertion point)."""
         if self.config.scale_decoder_outputs:
             y_btd = y_btd * (self.config.d_model ** -0.5)
-        out = self.shared.attend(y_btd) if self.lm_head is None else self.lm_head(y_btd)
+        out = self.shared.attend(y_btd) if self.lm_head is None else self.lm_head(y_btd, ctx)
         return out.astype(jnp.float32)
 
     def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, *,
@@ -235,7 +236,7 @@ class T5(nnx.Module):
         cross_kv = self.decoder.cross_key_values(encoded, enc_ctx)
         y = self.decoder(self.shared(decoder_input_tokens), cross_kv, mask_to_bias(cross_mask),
                          dec_ctx, decoder_segment_ids)
-        return self.logits(y)
+        return self.logits(y, dec_ctx)
 
 
 def task_contexts(task_ids, encoder_task_ids, decoder_task_ids,

@@ -1,0 +1,52 @@
+"""Per-task parameters applied to a batch that mixes tasks, without a loop over tasks.
+
+A per-task weight has a leading `tasks` axis. Three regimes, chosen from the task-id shape:
+  * shared weight (no task axis): plain matmul;
+  * task ids `[batch]` (one task per example): gather the batch's weights, then a batched einsum;
+  * task ids `[batch, length]` (packed rows mixing tasks): compute the low-rank code for every task,
+    zero all but the token's task (one-hot), and contract over (task, rank) on the way out. Only the
+    small `[..., tasks, rank]` code is materialised, never a per-token copy of a weight.
+`project_in` and `project_out` bracket a low-rank path; what sits between them acts elementwise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_ids(task_ids: jax.Array | None, x: jax.Array) -> jax.Array:
+    if task_ids is None:
+        raise ValueError("This model has per-task PEFT parameters, so every call needs task ids: "
+                         "pass task_ids=[batch] (or encoder_task_ids/decoder_task_ids per token).")
+    if task_ids.ndim not in (1, 2) or task_ids.shape != x.shape[:task_ids.ndim]:
+        raise ValueError(f"task ids of shape {task_ids.shape} do not align with activations "
+                         f"{x.shape}; expected [batch] or [batch, length].")
+    return task_ids
+
+
+def project_in(x_btd: jax.Array, w: jax.Array, task_ids: jax.Array | None) -> jax.Array:
+    """`x @ w` where w is `[d, r]` (shared) or `[tasks, d, r]` (per task).
+
+    Returns `[b, t, r]`, or for per-token ids the one-hot-masked code `[b, t, tasks, r]`.
+    """
+    w = w.astype(x_btd.dtype)
+    if w.ndim == 2:
+        return x_btd @ w
+    ids = _check_ids(task_ids, x_btd)
+    if ids.ndim == 1:
+        return jnp.einsum("btd,bdr->btr", x_btd, w[ids])
+    onehot = jax.nn.one_hot(ids, w.shape[0], dtype=x_btd.dtype)
+    return jnp.einsum("btd,kdr,btk->btkr", x_btd, w, onehot)
+
+
+def project_out(h: jax.Array, w: jax.Array, task_ids: jax.Array | None) -> jax.Array:
+    """Inverse bracket of `project_in`: `h @ w` with w `[r, o]` or `[tasks, r, o]` → `[b, t, o]`."""
+    w = w.astype(h.dtype)
+    if w.ndim == 2:
+        return h @ w
+    if task_ids.ndim == 1:
+        return jnp.einsum("btr,bro->bto", h, w[task_ids])
+    # Re-mask: an elementwise map between the brackets may have made zeros non-zero.
+    onehot = jax.nn.one_hot(task_ids, w.shape[0], dtype=h.dtype)
+    return jnp.einsum("btkr,btk,kro->bto", h, onehot, w)

@@ -1,0 +1,19 @@
+"""Variable types that mark what training updates.
+
+The base model's weights are plain `nnx.Param`. Every PEFT parameter is a `PeftParam` subclass, so
+`nnx.split(model, PeftParam, ...)` separates what is trained from the frozen base in one filter,
+and later kinds (routers, hypernetworks) add their own subclasses.
+"""
+
+from flax import nnx
+
+
+class PeftParam(nnx.Param):
+    """Base class of every trainable PEFT parameter."""
+
+
+class Adapter(PeftParam):
+    """Weights of an adapter module (LoRA factors, bottleneck projections, ...)."""
+
+
+TRAINABLE = PeftParam
