@@ -1,0 +1,1 @@
+"""seqio Task/Mixture registrations, imported by module name (see config.data.task_modules)."""
