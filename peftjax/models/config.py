@@ -76,10 +76,13 @@ def _v11(d_model: int, d_ff: int, num_heads: int, num_layers: int) -> T5Config:
                     num_encoder_layers=num_layers, num_decoder_layers=num_layers)
 
 
-# Published T5 v1.1 / Flan-T5 shapes (google/t5-v1_1-*); "tiny" is ours, for tests and CPU demos.
+# Published T5 v1.1 / Flan-T5 shapes (google/t5-v1_1-*); "tiny" (tests) and "mini" (CPU
+# demos) are ours, sized for the byte vocabulary.
 PRESETS: dict[str, T5Config] = {
     "tiny": T5Config(vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_heads=4,
                      num_encoder_layers=2, num_decoder_layers=2),
+    "mini": T5Config(vocab_size=259, d_model=128, d_kv=32, d_ff=384, num_heads=4,
+                     num_encoder_layers=3, num_decoder_layers=3),
     "small": _v11(512, 1024, 6, 8),
     "base": _v11(768, 2048, 12, 12),
     "large": _v11(1024, 2816, 16, 24),

@@ -194,7 +194,8 @@ class T5(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Dense(
-            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), std=1.0, rngs=rngs, dtype=dtype,
+            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), std=cfg.d_model ** -0.5,
+            rngs=rngs, dtype=dtype,
             param_dtype=pdtype)
 
     def encode(self, encoder_input_tokens: jax.Array, ctx: Context,

@@ -12,7 +12,8 @@ from peftjax.models.layers import Dense, Hook
 from peftjax.peft.bottleneck import BottleneckAdapter
 from peftjax.peft.lora import LoRADense
 
-METHODS = ("none", "lora", "houlsby", "pfeiffer")
+# "full" trains every base weight (the full fine-tuning baseline); "none" trains nothing.
+METHODS = ("none", "full", "lora", "houlsby", "pfeiffer")
 MODES = ("shared", "per_task")
 # Where each method attaches unless `targets` says otherwise (full match on dotted paths).
 DEFAULT_TARGETS = {
@@ -64,7 +65,7 @@ def apply_peft(model: nnx.Module, config: PeftConfig, *, num_tasks: int | None,
     Returns the adapted paths, sorted. Raises ValueError, naming the fix, when the regex matches
     nothing this method can attach to.
     """
-    if config.method == "none":
+    if config.method in ("none", "full"):
         return []
     if config.mode == "per_task" and not num_tasks:
         raise ValueError("config.peft.mode='per_task' needs the number of tasks; it comes from "

@@ -17,3 +17,8 @@ class Adapter(PeftParam):
 
 
 TRAINABLE = PeftParam
+
+
+def trainable_filter(method: str):
+    """What a run differentiates: every parameter for full fine-tuning, else the PEFT ones."""
+    return nnx.Param if method == "full" else TRAINABLE

@@ -1,0 +1,5 @@
+"""Checkpointing of trainable state (orbax)."""
+
+from peftjax.checkpoint.manager import CheckpointMismatchError, Checkpoints
+
+__all__ = ["CheckpointMismatchError", "Checkpoints"]

@@ -1,0 +1,109 @@
+"""`peftjax` command line.
+
+    peftjax train --config configs/quickstart.py --workdir runs/qs [--config.key=value ...]
+    peftjax eval  --config configs/quickstart.py --workdir runs/qs
+
+`--config` takes an ml-collections config file (optionally `file.py:arg`); any key can be
+overridden with `--config.section.key=value`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before TensorFlow is imported (through seqio): keep its C++ logs out of the user's terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+COMMANDS = {"train": "train adapters (resumes from the workdir's latest checkpoint)",
+            "eval": "evaluate the trained adapters and the frozen base on every task"}
+USAGE = ("usage: peftjax {train,eval} --config CONFIG.py[:ARG] --workdir DIR "
+         "[--config.key=value ...]\n" + "\n".join(f"  {c:6s} {h}" for c, h in COMMANDS.items()))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, no traceback."""
+
+
+def _run(command: str) -> None:
+    # Imported here so `peftjax --help` is instant and flag errors come before heavy imports.
+    from peftjax.checkpoint import CheckpointMismatchError
+    from peftjax.config import ConfigError
+    from peftjax.models.hf import CheckpointError
+    from peftjax.train import evaluate_run, train
+    from peftjax.train.evaluate import format_table
+
+    if _WORKDIR.value is None:
+        raise UserError("--workdir is required.")
+    if _CONFIG.value is None:
+        raise UserError("--config is required, e.g. --config configs/quickstart.py")
+    _make_task_modules_importable(flags.FLAGS["config"].config_filename)
+    try:
+        if command == "train":
+            train(_CONFIG.value, _WORKDIR.value)
+        else:
+            results = evaluate_run(_CONFIG.value, _WORKDIR.value)
+            print(format_table(results))
+            print(f"Wrote {os.path.join(_WORKDIR.value, 'eval', 'metrics.json')}")
+    except (ConfigError, CheckpointError, CheckpointMismatchError, FileNotFoundError,
+            ImportError, ValueError, KeyError) as e:
+        raise UserError(str(e).strip('"')) from e
+
+
+def _make_task_modules_importable(config_file: str) -> None:
+    """`config.data.task_modules` (e.g. `tasks.synthetic`) live in the experiment repo, not in
+    the installed package: import them from the working directory, as `python -m` would, and
+    from the repo that holds the config file (`REPO/configs/x.py` → `REPO`)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(config_file.split(":")[0])))
+    for path in (repo, os.getcwd()):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if len(argv) >= 2 else 2)
+    command = argv.pop(1)
+    if command not in COMMANDS:
+        print(f"peftjax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+
+    def run(_):
+        if not any(a.startswith(("--verbosity", "-v")) for a in argv):
+            logging.set_verbosity(logging.ERROR)  # seqio's per-task notices drown the progress
+        try:
+            _run(command)
+        except UserError as e:
+            print(f"peftjax {command}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    try:
+        app.run(run, argv=argv, flags_parser=_parse_flags)
+    except UserError as e:
+        print(f"peftjax {command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config-override mistakes reported as one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+        if "config" in message:
+            message += ("\nOverride keys must exist in the config (see peftjax/config.py for "
+                        "every key), e.g. --config.peft.rank=16.")
+        raise UserError(message) from e
+
+
+if __name__ == "__main__":
+    main()

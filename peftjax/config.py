@@ -1,0 +1,115 @@
+"""The configuration schema: every key a run reads, with its default.
+
+Experiment files in `configs/` start from `default_config()` and change what they need;
+`validate()` then rejects keys the schema does not know (typos) before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from peftjax.sharding.mesh import DEFAULT_RULES
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+def default_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+
+    c.model = ConfigDict()
+    c.model.size = "tiny"  # tiny | mini (ours) | small | base | large | xl | xxl (T5 v1.1)
+    c.model.hf_path = ""  # HF T5 checkpoint directory; overrides `size` when set
+    c.model.vocab_size = 0  # 0 = the preset's (or checkpoint's) vocabulary size
+    c.model.dropout_rate = 0.0
+    c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
+
+    c.peft = ConfigDict()
+    c.peft.method = "lora"  # lora | houlsby | pfeiffer | full (all weights) | none
+    c.peft.mode = "shared"  # shared | per_task (one adapter per task, picked by task id)
+    c.peft.targets = ""  # regex over module paths; "" = the method's default insertion points
+    c.peft.rank = 8
+    c.peft.alpha = 16.0
+    c.peft.dropout = 0.0
+    c.peft.rslora = False
+    c.peft.reduction_factor = 16  # bottleneck adapters: width = d_model // reduction_factor
+    c.peft.adapter_activation = "relu"
+    c.peft.num_tasks = 0  # per_task table size; 0 = from the data (largest task id + 1)
+
+    c.data = ConfigDict()
+    c.data.mixture = "synthetic_suite"  # a seqio Task or Mixture name
+    c.data.task_modules = ("tasks.synthetic",)  # modules whose import registers the tasks
+    c.data.inputs_length = 32
+    c.data.targets_length = 32
+    c.data.batch_size = 32
+    c.data.pack = True
+    c.data.eval_examples = 64  # per task, for exact match through greedy decoding
+    c.data.eval_batch_size = 64
+
+    c.optim = ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.schedule = "cosine"  # cosine | constant
+    c.optim.warmup_steps = 50
+    c.optim.final_lr_fraction = 0.1
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    c.train = ConfigDict()
+    c.train.steps = 1000
+    c.train.log_every = 50
+    c.train.eval_every = 0  # 0 = only at the end
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.progress = True  # progress bar on stderr
+
+    c.mesh = ConfigDict()
+    c.mesh.shape = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    c.mesh.rules = DEFAULT_RULES
+    return c
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+    """Reject unknown keys (with close matches) and values of the wrong type."""
+    _check(config, default_config(), "config")
+    return config
+
+
+def _check(given: ConfigDict, schema: ConfigDict, prefix: str) -> None:
+    for key in given.keys():
+        path = f"{prefix}.{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=3)
+            hint = f" Did you mean {', '.join(f'{prefix}.{c}' for c in close)}?" if close else ""
+            raise ConfigError(f"Unknown config key {path!r}.{hint} Known keys under {prefix}: "
+                              f"{sorted(schema.keys())}.")
+        value, default = given[key], schema[key]
+        if isinstance(default, ConfigDict) and path != "config.mesh.shape":
+            if not isinstance(value, ConfigDict):
+                raise ConfigError(f"{path} must be a group of keys, got {value!r}.")
+            _check(value, default, path)
+        elif not _same_kind(value, default):
+            raise ConfigError(f"{path} should be a {type(default).__name__} like {default!r}, "
+                              f"got {value!r}.")
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, int | float):
+        return isinstance(value, int | float)
+    if isinstance(default, tuple | list):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(default))
+
+
+def to_json(config: ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)

@@ -1,0 +1,102 @@
+"""Device mesh and the logical-axis rules table: the one place that decides how arrays shard.
+
+Every parameter names its dimensions with logical axes (`Param(..., axes=("embed", "mlp"))`);
+`config.mesh.rules` maps each logical axis to a mesh axis (or None = replicated). The same model
+code then runs on 1 device, N devices or N hosts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# Logical axis → mesh axis. Data parallel over (data, fsdp); FSDP shards the embed dimension of
+# weights; tensor parallelism splits heads / MLP / vocabulary over `model`. Adapter axes (tasks,
+# rank, bottleneck) are small and replicated by default.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "model"),
+    ("joined_kv", "model"),
+    ("mlp", "model"),
+    ("heads", None),
+    ("relpos_buckets", None),
+    ("tasks", None),
+    ("lora_rank", None),
+    ("adapter_bottleneck", None),
+)
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes `data, fsdp, model`; one -1 fills the rest.
+
+    Axis types are Auto: XLA propagates shardings from the parameter and batch placements.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"config.mesh.shape has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError("At most one config.mesh.shape axis may be -1 (fill).")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(shape)}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs "
+                         f"{int(np.prod(sizes))} devices but {len(devices)} are available; fix "
+                         "config.mesh.shape (use -1 for the axis that takes the rest).")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Rules,
+                    mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec of an array from its logical axes.
+
+    A mesh axis is used at most once per array, and a dimension it does not divide stays
+    replicated (so odd vocabulary or task counts never fail to place).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+        ways = int(np.prod([mesh.shape[t] for t in targets])) if targets else 1
+        if not targets or size % ways:
+            spec.append(None)
+            continue
+        used.update(targets)
+        spec.append(targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, rules: Rules, mesh: Mesh):
+    """NamedSharding for every Variable of an `nnx.State`, from its `axes` metadata."""
+
+    def one(variable):
+        axes = variable.get_metadata().get("axes") or (None,) * variable.value.ndim
+        return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, rules, mesh))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of `[batch, length]` input arrays."""
+    target = dict(rules).get("batch")
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    targets = tuple(t for t in targets if mesh.shape[t] > 1)
+    return NamedSharding(mesh, PartitionSpec(targets if targets else None))

@@ -1,0 +1,117 @@
+"""Everything a run needs, built from a config: data names, base model, PEFT, mesh, split state."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from peftjax import data
+from peftjax.config import ConfigError, validate
+from peftjax.models import T5, T5Config, from_hf, preset
+from peftjax.models.hf import load_hf_config
+from peftjax.peft import PeftConfig, apply_peft, trainable_filter
+from peftjax.sharding import make_mesh, state_shardings
+
+
+@dataclasses.dataclass
+class Experiment:
+    """A built run. `trainable` / `frozen` are placed on `mesh` by the logical-axis rules."""
+
+    config: ConfigDict
+    model_config: T5Config
+    peft_config: PeftConfig
+    task_names: list[str]
+    task_ids: dict[str, int]
+    num_task_ids: int
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    trainable: nnx.State
+    frozen: nnx.State
+    adapted_paths: list[str]
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.config.data.pack)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be resumed by this run."""
+        shapes = {"/".join(map(str, k)): list(v.value.shape)
+                  for k, v in nnx.to_flat_state(self.trainable)}
+        return {
+            "model": dataclasses.asdict(self.model_config),
+            "base": self.config.model.hf_path or f"random init, seed {self.config.seed}",
+            "peft": dataclasses.asdict(self.peft_config),
+            "trainable_shapes": shapes,
+        }
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(x.size for x in jax.tree.leaves(self.trainable))
+        frozen = sum(x.size for x in jax.tree.leaves(self.frozen))
+        return {"total": trainable + frozen, "trainable": trainable}
+
+    def names_by_id(self) -> dict[int, str]:
+        return {i: n for n, i in self.task_ids.items()}
+
+
+def model_config_from(config: ConfigDict) -> T5Config:
+    overrides = dict(dropout_rate=config.model.dropout_rate, dtype=config.model.dtype)
+    if config.model.vocab_size:
+        overrides["vocab_size"] = config.model.vocab_size
+    if config.model.hf_path:
+        return load_hf_config(config.model.hf_path, **overrides)
+    return preset(config.model.size, **overrides)
+
+
+def build_base_model(config: ConfigDict) -> T5:
+    """The frozen base: from `config.model.hf_path`, or a seeded random init of `size`."""
+    if config.model.hf_path:
+        return from_hf(config.model.hf_path, dropout_rate=config.model.dropout_rate,
+                       dtype=config.model.dtype)
+    return T5(model_config_from(config), rngs=nnx.Rngs(config.seed))
+
+
+def peft_config_from(config: ConfigDict) -> PeftConfig:
+    fields = {f.name: config.peft[f.name] for f in dataclasses.fields(PeftConfig)}
+    fields["targets"] = fields["targets"] or None
+    return PeftConfig(**fields)
+
+
+def resolve_tasks(config: ConfigDict) -> tuple[list[str], dict[str, int]]:
+    data.import_task_modules(list(config.data.task_modules))
+    names = data.task_names(config.data.mixture)
+    return names, {name: data.task_id_of(name) for name in names}
+
+
+def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
+    """Validate the config and build the run (nothing is written anywhere)."""
+    validate(config)
+    peft_config = peft_config_from(config)  # validates method / mode / rank first
+    task_names, task_ids = resolve_tasks(config)
+    num_task_ids = max(task_ids.values()) + 1
+    num_tasks = config.peft.num_tasks or num_task_ids
+    if num_tasks < num_task_ids:
+        raise ConfigError(f"config.peft.num_tasks={num_tasks} but the mixture "
+                          f"{config.data.mixture!r} has task ids up to {num_task_ids - 1}; set "
+                          f"it to at least {num_task_ids} (or 0 to derive it).")
+    model_config = model_config_from(config)
+    vocab_size = data.vocabulary(config.data.mixture).vocab_size
+    if model_config.vocab_size < vocab_size:
+        raise ConfigError(f"The model's vocabulary ({model_config.vocab_size}) is smaller than "
+                          f"the data's ({vocab_size}); set config.model.vocab_size >= {vocab_size}.")
+    mesh = make_mesh(config.mesh.shape)
+    model = build_base_model(config)
+    adapted = []
+    if with_peft:
+        adapted = apply_peft(model, peft_config, num_tasks=num_tasks,
+                             rngs=nnx.Rngs(config.seed + 1))
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(peft_config.method), ...)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    trainable = jax.device_put(trainable, state_shardings(trainable, rules, mesh))
+    frozen = jax.device_put(frozen, state_shardings(frozen, rules, mesh))
+    return Experiment(config, model.config, peft_config, task_names, task_ids, num_task_ids, mesh,
+                      graphdef, trainable, frozen, adapted)

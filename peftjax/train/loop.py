@@ -1,0 +1,160 @@
+"""The train loop: one pure jitted step per batch, periodic logging, eval and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from peftjax import data
+from peftjax.checkpoint import Checkpoints
+from peftjax.config import to_json, validate
+from peftjax.sharding import batch_sharding
+from peftjax.train.evaluate import evaluate, mean_over_tasks
+from peftjax.train.experiment import Experiment, build
+from peftjax.train.optim import make_optimizer
+from peftjax.train.step import TrainState, init_train_state, make_train_step, summarize
+from peftjax.train.writers import create_writer
+
+log = logging.getLogger(__name__)
+
+
+def put_batch(batch: dict[str, np.ndarray], exp: Experiment) -> dict[str, jax.Array]:
+    """Host batch (this process's rows) → global arrays sharded over the batch axes."""
+    sharding = batch_sharding(exp.mesh, exp.config.mesh.rules)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _checkpoints(workdir: str, config: ConfigDict, create: bool) -> Checkpoints:
+    return Checkpoints(os.path.join(workdir, "checkpoints"),
+                       max_to_keep=config.train.keep_checkpoints, create=create)
+
+
+def prepare(config: ConfigDict, workdir: str) -> tuple[Experiment, Checkpoints]:
+    """Build the run and check an existing checkpoint fits it, before writing anything."""
+    validate(config)
+    exp = build(config)
+    has_checkpoint = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    ckpt = _checkpoints(workdir, config, create=has_checkpoint)
+    if has_checkpoint and ckpt.latest_step() is not None:
+        ckpt.check_fingerprint(exp.fingerprint())
+    return exp, ckpt
+
+
+def train(config: ConfigDict, workdir: str) -> dict[str, float]:
+    """Train (resuming from `workdir` if it holds a checkpoint); returns the final eval means."""
+    exp, ckpt = prepare(config, workdir)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if not os.path.isdir(ckpt.directory):
+        ckpt = _checkpoints(workdir, config, create=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(to_json(config))
+    counts = exp.parameter_counts()
+    print(f"Parameters: total {counts['total']:,} | trainable {counts['trainable']:,} "
+          f"({100 * counts['trainable'] / counts['total']:.3f}%) | {exp.peft_config.method} "
+          f"({exp.peft_config.mode}) on {len(exp.adapted_paths)} modules", flush=True)
+
+    total_steps = int(config.train.steps)
+    optimizer = make_optimizer(config.optim, total_steps)
+    state = init_train_state(exp.trainable, optimizer)
+    meta = {"fingerprint": exp.fingerprint(), "data_position": 0}
+    if ckpt.latest_step() is not None:
+        restored, meta = ckpt.restore(state.as_dict())
+        state = TrainState.from_dict(restored)
+        print(f"Resumed from step {int(state.step)} ({ckpt.directory}).", flush=True)
+    start = int(state.step)
+    batches = data.train_batches(
+        config.data.mixture, batch_size=config.data.batch_size // jax.process_count(),
+        inputs_length=config.data.inputs_length, targets_length=config.data.targets_length,
+        pack=config.data.pack, seed=config.seed, start_batch=int(meta["data_position"]),
+        shard_index=jax.process_index(), num_shards=jax.process_count())
+    train_step = make_train_step(exp.graphdef, optimizer, packed=exp.packed,
+                                 num_task_ids=exp.num_task_ids)
+    writer = create_writer(workdir, is_main_process=is_main)
+    rng = jax.random.key(config.seed)
+    eval_sharding = batch_sharding(exp.mesh, config.mesh.rules)
+
+    def run_eval(step: int) -> dict[str, float]:
+        results = evaluate(exp.graphdef, state.trainable, exp.frozen, task_names=exp.task_names,
+                           data_config=config.data, sharding=eval_sharding)
+        scalars = {f"eval/{m}/{t}": v for t, s in results.items() for m, v in s.items()}
+        means = mean_over_tasks(results)
+        scalars.update({f"eval/{m}": v for m, v in means.items()})
+        writer.write_scalars(step, scalars)
+        return means
+
+    accumulated = None
+    progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train",
+                    disable=not (config.train.progress and is_main), file=sys.stderr,
+                    dynamic_ncols=True)
+    means: dict[str, float] = {}
+    for step in progress:
+        state, metrics = train_step(state, exp.frozen, put_batch(next(batches), exp), rng)
+        accumulated = metrics if accumulated is None else jax.tree.map(jnp.add, accumulated,
+                                                                       metrics)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total_steps:
+            summary = summarize(jax.device_get(accumulated), exp.names_by_id())
+            summary["grad_norm"] = float(metrics["grad_norm"])
+            writer.write_scalars(done, summary)
+            progress.set_postfix(loss=f"{summary['loss']:.3f}",
+                                 acc=f"{summary['token_accuracy']:.3f}")
+            accumulated = None
+        if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
+            means = run_eval(done)
+        if done % config.train.checkpoint_every == 0 or done == total_steps:
+            ckpt.save(done, state.as_dict(), _meta(exp, done))
+    progress.close()
+    if start < total_steps or not means:
+        means = run_eval(total_steps)
+    ckpt.wait()
+    writer.flush()
+    print("Final eval (mean over tasks): " + json.dumps({k: round(v, 4) for k, v in means.items()}),
+          flush=True)
+    return means
+
+
+def _meta(exp: Experiment, step: int) -> dict:
+    # One batch per step, so the data position is the step; stored apart for clarity on resume.
+    return {"fingerprint": exp.fingerprint(), "data_position": step}
+
+
+def restore_trained(config: ConfigDict, workdir: str) -> tuple[Experiment, TrainState]:
+    """The built run with the latest checkpoint's trainable state (for eval and export)."""
+    exp, ckpt = prepare(config, workdir)
+    if not os.path.isdir(ckpt.directory) or ckpt.latest_step() is None:
+        raise FileNotFoundError(f"No checkpoint in {workdir!r}; train first with "
+                                f"`peftjax train --config ... --workdir {workdir}`.")
+    optimizer = make_optimizer(config.optim, int(config.train.steps))
+    restored, _ = ckpt.restore(init_train_state(exp.trainable, optimizer).as_dict())
+    return exp, TrainState.from_dict(restored)
+
+
+def evaluate_run(config: ConfigDict, workdir: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Evaluate the trained adapters and the frozen base without them, every task.
+
+    Writes `workdir/eval/metrics.json` as `{"adapted": {task: {metric: v}}, "base": {...}}`.
+    """
+    exp, state = restore_trained(config, workdir)
+    sharding = batch_sharding(exp.mesh, config.mesh.rules)
+    adapted = evaluate(exp.graphdef, state.trainable, exp.frozen, task_names=exp.task_names,
+                       data_config=config.data, sharding=sharding)
+    base_exp = build(config, with_peft=False)
+    base = evaluate(base_exp.graphdef, base_exp.trainable, base_exp.frozen,
+                    task_names=exp.task_names, data_config=config.data, sharding=sharding)
+    results = {"adapted": adapted, "base": base}
+    if jax.process_index() == 0:
+        out_dir = os.path.join(workdir, "eval")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+    return results

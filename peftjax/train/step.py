@@ -1,0 +1,124 @@
+"""Pure, jitted train and eval steps over the trainable part of the model state.
+
+The model state is split once into `trainable` (PEFT parameters) and `frozen` (the base). Only
+`trainable` is differentiated, clipped, optimised and donated; the frozen base is an ordinary
+argument, so XLA never builds base-weight gradients and the optimizer holds no state for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: nnx.State
+    opt_state: optax.OptState
+
+
+    def as_dict(self) -> dict[str, Any]:
+        """The checkpointed form."""
+        return {"step": self.step, "trainable": self.trainable, "opt_state": self.opt_state}
+
+    @classmethod
+    def from_dict(cls, tree: dict[str, Any]) -> TrainState:
+        return cls(tree["step"], tree["trainable"], tree["opt_state"])
+
+
+def init_train_state(trainable: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+
+def model_inputs(batch: Batch, packed: bool) -> dict[str, jax.Array]:
+    """Model keyword arguments from converter features.
+
+    Packed rows may mix tasks, so task ids go per token; unpacked rows hold one example, so one id
+    per row selects its adapter with a cheaper gather.
+    """
+    kwargs = dict(encoder_input_tokens=batch["encoder_input_tokens"],
+                  decoder_input_tokens=batch["decoder_input_tokens"])
+    if packed:
+        kwargs.update({k: batch[k] for k in ("encoder_segment_ids", "decoder_segment_ids",
+                                             "encoder_task_ids", "decoder_task_ids")})
+    else:
+        kwargs["task_ids"] = batch["encoder_task_ids"][:, 0]
+    return kwargs
+
+
+def loss_and_metrics(logits_btv: jax.Array, batch: Batch,
+                     num_task_ids: int) -> tuple[jax.Array, Metrics]:
+    """Token-mean cross entropy, and per-task sums (loss, correct tokens, tokens) for logging.
+
+    Sums, not means, so metrics accumulate exactly across steps and devices.
+    """
+    targets = batch["decoder_target_tokens"]
+    weights = batch["decoder_loss_weights"].astype(jnp.float32)
+    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets)
+    correct_bt = (jnp.argmax(logits_btv, -1) == targets).astype(jnp.float32)
+    tokens = jnp.sum(weights)
+    loss = jnp.sum(ce_bt * weights) / jnp.maximum(tokens, 1.0)
+    per_task_btk = jax.nn.one_hot(batch["decoder_task_ids"], num_task_ids) * weights[..., None]
+    metrics = {
+        "loss_sum": jnp.sum(ce_bt * weights), "correct_sum": jnp.sum(correct_bt * weights),
+        "tokens": tokens,
+        "task_loss_sum": jnp.einsum("bt,btk->k", ce_bt, per_task_btk),
+        "task_correct_sum": jnp.einsum("bt,btk->k", correct_bt, per_task_btk),
+        "task_tokens": jnp.sum(per_task_btk, axis=(0, 1)),
+    }
+    return loss, metrics
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
+                    packed: bool, num_task_ids: int, donate: bool = True):
+    """`train_step(state, frozen, batch, rng) -> (state, metrics)`, jitted, state donated."""
+
+    def train_step(state: TrainState, frozen: nnx.State, batch: Batch,
+                   rng: jax.Array) -> tuple[TrainState, Metrics]:
+        dropout_key = jax.random.fold_in(rng, state.step)
+
+        def loss_fn(trainable):
+            model = nnx.merge(graphdef, trainable, frozen)
+            logits = model(**model_inputs(batch, packed), dropout_key=dropout_key)
+            return loss_and_metrics(logits, batch, num_task_ids)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)  # trainable gradients only
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, packed: bool, num_task_ids: int):
+    """`eval_step(trainable, frozen, batch) -> metrics` (teacher-forced, deterministic)."""
+
+    def eval_step(trainable: nnx.State, frozen: nnx.State, batch: Batch) -> Metrics:
+        model = nnx.merge(graphdef, trainable, frozen)
+        return loss_and_metrics(model(**model_inputs(batch, packed)), batch, num_task_ids)[1]
+
+    return jax.jit(eval_step)
+
+
+def summarize(metrics: Metrics | dict[str, Any], task_names_by_id: dict[int, str]) -> dict:
+    """Accumulated sums → means: loss, token accuracy, and per task."""
+    tokens = max(float(metrics["tokens"]), 1.0)
+    out = {"loss": float(metrics["loss_sum"]) / tokens,
+           "token_accuracy": float(metrics["correct_sum"]) / tokens}
+    for task_id, name in task_names_by_id.items():
+        n = float(metrics["task_tokens"][task_id])
+        if n > 0:
+            out[f"loss/{name}"] = float(metrics["task_loss_sum"][task_id]) / n
+            out[f"token_accuracy/{name}"] = float(metrics["task_correct_sum"][task_id]) / n
+    return out
