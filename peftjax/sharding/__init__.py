@@ -6,8 +6,9 @@ from peftjax.sharding.mesh import (
     batch_sharding,
     logical_to_spec,
     make_mesh,
+    replicate_unplaced,
     state_shardings,
 )
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "batch_sharding", "logical_to_spec", "make_mesh",
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "batch_sharding", "logical_to_spec", "make_mesh", "replicate_unplaced",
            "state_shardings"]

@@ -100,3 +100,17 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     targets = (target,) if isinstance(target, str) else tuple(target or ())
     targets = tuple(t for t in targets if mesh.shape[t] > 1)
     return NamedSharding(mesh, PartitionSpec(targets if targets else None))
+
+
+def replicate_unplaced(tree, mesh: Mesh):
+    """Leaves not yet placed on `mesh` (step counters, optimizer counts) become replicated on it,
+    so a jitted step never sees arguments committed to different device sets."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)

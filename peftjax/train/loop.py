@@ -16,7 +16,7 @@ from tqdm import tqdm
 from peftjax import data
 from peftjax.checkpoint import Checkpoints
 from peftjax.config import to_json, validate
-from peftjax.sharding import batch_sharding
+from peftjax.sharding import batch_sharding, replicate_unplaced
 from peftjax.train.evaluate import evaluate, mean_over_tasks
 from peftjax.train.experiment import Experiment, build
 from peftjax.train.optim import make_optimizer
@@ -65,7 +65,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
 
     total_steps = int(config.train.steps)
     optimizer = make_optimizer(config.optim, total_steps)
-    state = init_train_state(exp.trainable, optimizer)
+    state = replicate_unplaced(init_train_state(exp.trainable, optimizer), exp.mesh)
     meta = {"fingerprint": exp.fingerprint(), "data_position": 0}
     if ckpt.latest_step() is not None:
         restored, meta = ckpt.restore(state.as_dict())
@@ -135,7 +135,8 @@ def restore_trained(config: ConfigDict, workdir: str) -> tuple[Experiment, Train
         raise FileNotFoundError(f"No checkpoint in {workdir!r}; train first with "
                                 f"`peftjax train --config ... --workdir {workdir}`.")
     optimizer = make_optimizer(config.optim, int(config.train.steps))
-    restored, _ = ckpt.restore(init_train_state(exp.trainable, optimizer).as_dict())
+    like = replicate_unplaced(init_train_state(exp.trainable, optimizer), exp.mesh)
+    restored, _ = ckpt.restore(like.as_dict())
     return exp, TrainState.from_dict(restored)
 
 
