@@ -95,14 +95,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config-override mistakes reported as one clear line."""
+    from peftjax.config import ConfigError, check_key
+
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            try:
+                check_key(arg.removeprefix("--config.").split("=", 1)[0])
+            except ConfigError as e:
+                raise UserError(f"{arg}: {e}") from e
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
-        if "config" in message:
-            message += ("\nOverride keys must exist in the config (see peftjax/config.py for "
-                        "every key), e.g. --config.peft.rank=16.")
-        raise UserError(message) from e
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(" ".join(str(e).split())) from e
 
 
 if __name__ == "__main__":

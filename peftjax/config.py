@@ -83,14 +83,25 @@ def validate(config: ConfigDict) -> ConfigDict:
     return config
 
 
+def check_key(dotted: str) -> None:
+    """Raise ConfigError naming close matches if `section.key` is not in the schema."""
+    node, prefix = default_config(), "config"
+    for part in dotted.split("."):
+        if not isinstance(node, ConfigDict) or prefix == "config.mesh.shape":
+            return
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node.keys()), n=3)
+            hint = f" Did you mean {', '.join(f'{prefix}.{c}' for c in close)}?" if close else ""
+            raise ConfigError(f"Unknown config key '{prefix}.{part}'.{hint} Known keys under "
+                              f"{prefix}: {sorted(node.keys())}.")
+        node, prefix = node[part], f"{prefix}.{part}"
+
+
 def _check(given: ConfigDict, schema: ConfigDict, prefix: str) -> None:
     for key in given.keys():
         path = f"{prefix}.{key}"
         if key not in schema:
-            close = difflib.get_close_matches(key, list(schema.keys()), n=3)
-            hint = f" Did you mean {', '.join(f'{prefix}.{c}' for c in close)}?" if close else ""
-            raise ConfigError(f"Unknown config key {path!r}.{hint} Known keys under {prefix}: "
-                              f"{sorted(schema.keys())}.")
+            check_key(path.removeprefix("config."))
         value, default = given[key], schema[key]
         if isinstance(default, ConfigDict) and path != "config.mesh.shape":
             if not isinstance(value, ConfigDict):
