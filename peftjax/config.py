@@ -98,7 +98,7 @@ def check_key(dotted: str) -> None:
 
 
 def _check(given: ConfigDict, schema: ConfigDict, prefix: str) -> None:
-    for key in given.keys():
+    for key in given:
         path = f"{prefix}.{key}"
         if key not in schema:
             check_key(path.removeprefix("config."))

@@ -31,13 +31,13 @@ def test_train_writes_metrics_checkpoints_and_counts(trained):
     workdir, result = trained
     assert "Parameters: total" in result.stdout and "trainable" in result.stdout
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
-    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if "loss" in r]
     assert train_steps == [2, 4, 6]
     assert any(k.startswith("token_accuracy/synthetic_") for k in records[0])
     assert any("eval/exact_match" in r for r in records)
     assert os.listdir(workdir / "tensorboard")
-    assert json.load(open(workdir / "config.json"))["peft"]["mode"] == "per_task"
+    assert json.loads((workdir / "config.json").read_text())["peft"]["mode"] == "per_task"
 
 
 def test_train_again_resumes_from_the_latest_checkpoint(trained, tmp_path):
@@ -54,7 +54,7 @@ def test_eval_writes_adapted_and_base_metrics_for_every_task(trained):
     result = peftjax("eval", "--config", TINY, "--workdir", str(workdir),
                      "--config.peft.mode=per_task")
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.load(open(workdir / "eval" / "metrics.json"))
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     assert set(metrics) == {"adapted", "base"}
     tasks = {f"synthetic_{t}" for t in ("reverse_shift", "reverse_upper", "reverse_double",
                                          "shift_upper", "shift_double", "upper_double",
@@ -85,7 +85,8 @@ def write_bart(path):
 BAD_INPUTS = {
     "unknown override key": (["--config.peft.rnak=4"], "Did you mean config.peft.rank"),
     "unknown section": (["--config.pef.rank=4"], "Did you mean config.peft"),
-    "unknown mixture": (["--config.data.mixture=synthetic_suit"], "Close matches: ['synthetic_suite'"),
+    "unknown mixture": (["--config.data.mixture=synthetic_suit"],
+                        "Close matches: ['synthetic_suite'"),
     "target regex matches nothing": (["--config.peft.targets=.*attention\\.qq"],
                                      "matches no module"),
     "zero rank": (["--config.peft.rank=0"], "rank must be a positive integer"),

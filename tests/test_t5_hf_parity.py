@@ -41,10 +41,11 @@ def save_hf_t5(path, *, tie: bool, seed: int = 0, vocab_size: int = 97, **fields
         tensors = load_file(f"{path}/model.safetensors")
         tensors["lm_head.weight"] = torch.randn(vocab_size, fields["d_model"])
         save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
-        cfg = json.load(open(f"{path}/config.json"))
+        config_file = path / "config.json"
+        cfg = json.loads(config_file.read_text())
         cfg["tie_word_embeddings"] = False
         cfg.pop("scale_decoder_outputs", None)
-        json.dump(cfg, open(f"{path}/config.json", "w"))
+        config_file.write_text(json.dumps(cfg))
     return transformers.T5ForConditionalGeneration.from_pretrained(path).eval()
 
 

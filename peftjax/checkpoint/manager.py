@@ -14,7 +14,6 @@ import jax
 import orbax.checkpoint as ocp
 
 
-
 class CheckpointMismatchError(ValueError):
     """The workdir's checkpoint belongs to another model or PEFT configuration."""
 

@@ -64,7 +64,7 @@ class RelativePositionBias(nnx.Module):
         return jnp.transpose(values_qkh, (2, 0, 1))[None]
 
     def row(self, query_position: jax.Array, key_length: int) -> jax.Array:
-        """Bias of one (traced) query position against keys `0..key_length-1`: `[1, heads, 1, k]`."""
+        """Bias of one (traced) query position against keys `0..key_length-1`: `[1,h,1,k]`."""
         full_hqk = self(key_length, key_length)[0]
         return jax.lax.dynamic_slice_in_dim(full_hqk, query_position, 1, axis=1)[None]
 
@@ -101,7 +101,7 @@ class Attention(nnx.Module):
 
     def attend(self, x_btd: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, bias: jax.Array,
                ctx: Context) -> jax.Array:
-        """Queries from `x_btd` attend to the given keys/values; returns `[batch, target, embed]`."""
+        """Queries from `x_btd` attend to the given keys/values → `[batch, target, embed]`."""
         q_bthk = self._heads(self.q(x_btd, ctx))
         scores = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk,
                             preferred_element_type=jnp.float32) + bias

@@ -27,7 +27,7 @@ class T5Config:
     relative_attention_max_distance: int = 128
     dropout_rate: float = 0.0
     layer_norm_epsilon: float = 1e-6
-    # "gated-gelu" (T5 v1.1, Flan-T5: tanh-approximate GELU), "relu" (original T5), "gated-silu", ...
+    # "gated-gelu" (T5 v1.1, Flan-T5: tanh-approximate GELU), "relu" (original T5), "gated-silu"
     feed_forward_proj: str = "gated-gelu"
     # Tied: the output projection is the transposed input embedding (original T5).
     tie_word_embeddings: bool = False
@@ -37,7 +37,7 @@ class T5Config:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        self.activation  # validates feed_forward_proj
+        _ = self.activation  # validates feed_forward_proj
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads",
                      "num_encoder_layers", "num_decoder_layers"):
             if getattr(self, name) <= 0:

@@ -76,7 +76,8 @@ def _hf_key_map(cfg: T5Config) -> Iterator[tuple[tuple, str, bool]]:
             ours, hf = (stack, "layers", i), f"{stack}.block.{i}.layer"
             sublayers = [("attention_norm", "self_attention", "0", "SelfAttention")]
             if stack == "decoder":
-                sublayers.append(("cross_attention_norm", "cross_attention", "1", "EncDecAttention"))
+                sublayers.append(("cross_attention_norm", "cross_attention", "1",
+                                  "EncDecAttention"))
             for norm, attn, idx, hf_attn in sublayers:
                 yield (*ours, norm, "scale"), f"{hf}.{idx}.layer_norm.weight", False
                 for proj in "qkvo":
@@ -84,7 +85,8 @@ def _hf_key_map(cfg: T5Config) -> Iterator[tuple[tuple, str, bool]]:
             ff = "2" if stack == "decoder" else "1"
             yield (*ours, "mlp_norm", "scale"), f"{hf}.{ff}.layer_norm.weight", False
             for proj in mlp:
-                yield (*ours, "mlp", proj, "kernel"), f"{hf}.{ff}.DenseReluDense.{proj}.weight", True
+                yield ((*ours, "mlp", proj, "kernel"), f"{hf}.{ff}.DenseReluDense.{proj}.weight",
+                       True)
     if not cfg.tie_word_embeddings:
         yield ("lm_head", "kernel"), "lm_head.weight", True
 

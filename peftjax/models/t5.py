@@ -127,7 +127,8 @@ class Encoder(nnx.Module):
         self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs)
                                 for i in range(cfg.num_encoder_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon,
-                                  dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+                                  dtype=jnp.dtype(cfg.dtype),
+                                  param_dtype=jnp.dtype(cfg.param_dtype))
         self.dropout_rate = cfg.dropout_rate
         self.salts = (site_salt("encoder.embed"), site_salt("encoder.final"))
 
@@ -150,7 +151,8 @@ class Decoder(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs)
                                 for i in range(cfg.num_decoder_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon,
-                                  dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+                                  dtype=jnp.dtype(cfg.dtype),
+                                  param_dtype=jnp.dtype(cfg.param_dtype))
         self.dropout_rate = cfg.dropout_rate
         self.salts = (site_salt("decoder.embed"), site_salt("decoder.final"))
 

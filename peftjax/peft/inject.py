@@ -75,7 +75,8 @@ def apply_peft(model: nnx.Module, config: PeftConfig, *, num_tasks: int | None,
     try:
         pattern = re.compile(config.target_regex)
     except re.error as e:
-        raise ValueError(f"config.peft.targets={config.target_regex!r} is not a valid regex: {e}")
+        raise ValueError(f"config.peft.targets={config.target_regex!r} is not a valid regex: "
+                         f"{e}") from e
     candidates = {p: m for p, m in module_paths(model).items() if isinstance(m, kind)}
     matched = sorted(p for p in candidates if pattern.fullmatch(p))
     if not matched:

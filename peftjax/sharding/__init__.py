@@ -10,5 +10,5 @@ from peftjax.sharding.mesh import (
     state_shardings,
 )
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "batch_sharding", "logical_to_spec", "make_mesh", "replicate_unplaced",
-           "state_shardings"]
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "batch_sharding", "logical_to_spec", "make_mesh",
+           "replicate_unplaced", "state_shardings"]

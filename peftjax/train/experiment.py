@@ -102,7 +102,8 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
     vocab_size = data.vocabulary(config.data.mixture).vocab_size
     if model_config.vocab_size < vocab_size:
         raise ConfigError(f"The model's vocabulary ({model_config.vocab_size}) is smaller than "
-                          f"the data's ({vocab_size}); set config.model.vocab_size >= {vocab_size}.")
+                          f"the data's ({vocab_size}); set config.model.vocab_size >= "
+                          f"{vocab_size}.")
     mesh = make_mesh(config.mesh.shape)
     model = build_base_model(config)
     adapted = []

@@ -1,0 +1,168 @@
+"""Helpers shared by the benchmarks: CPU pinning, step timing on a shared machine, memory, machine.
+
+Nothing here imports JAX or torch, so a parent process can orchestrate workers without paying for
+(or perturbing) either runtime.
+
+Timing on a shared machine: other processes may run during a benchmark. Every timed step
+therefore records, besides its wall time, this process's CPU time and the CPU time that *other*
+processes used meanwhile (system busy time from `/proc/stat`, including hypervisor steal, minus our
+own). A step is reported as contended when others used more than `CONTENDED_CORES` of a core on
+average during it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+CONTENDED_CORES = 0.1  # others' average CPU use (in cores) above which a step counts as contended
+
+
+def pin_to_cpus(cpus: Sequence[int]) -> None:
+    """Restrict this process (and the threads it will create) to `cpus`.
+
+    XLA:CPU sizes its thread pools from the CPU affinity mask, and torch/OpenMP respect it too, so
+    this is what actually limits the thread count of both frameworks.
+    """
+    os.sched_setaffinity(0, set(cpus))
+
+
+def first_cpus(n: int) -> list[int]:
+    """The first `n` CPUs this process may run on."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if n > len(allowed):
+        raise SystemExit(f"--threads {n} exceeds the {len(allowed)} CPUs available ({allowed}).")
+    return allowed[:n]
+
+
+def _system_busy_s() -> float:
+    """CPU seconds all processes have spent busy (incl. steal) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Wall time, own CPU time, and other processes' CPU time over one interval."""
+
+    wall_s: float
+    own_cpu_s: float
+    others_cpu_s: float
+
+    @property
+    def others_cores(self) -> float:
+        return self.others_cpu_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class CpuClock:
+    """Measures a `Window` between `start()` and `stop()`."""
+
+    def start(self) -> None:
+        self._t, self._own, self._busy = time.perf_counter(), _own_cpu_s(), _system_busy_s()
+
+    def stop(self) -> Window:
+        wall = time.perf_counter() - self._t
+        own = _own_cpu_s() - self._own
+        others = max(_system_busy_s() - self._busy - own, 0.0)
+        return Window(wall, own, others)
+
+
+def wait_for_quiet(max_wait_s: float, *, sample_s: float = 1.0) -> float:
+    """Wait (up to `max_wait_s`) until other processes use < CONTENDED_CORES; returns their use.
+
+    Returns the last sample's CPU use of other processes, in cores.
+    """
+    clock, deadline = CpuClock(), time.monotonic() + max_wait_s
+    while True:
+        clock.start()
+        time.sleep(sample_s)
+        others = clock.stop().others_cores
+        if others < CONTENDED_CORES or time.monotonic() >= deadline:
+            return others
+
+
+def time_steps(step: Callable[[], Any], steps: int) -> dict[str, Any]:
+    """Run `step` (which must block until its work is done) `steps` times; timing summary.
+
+    Keys: median/min/max step seconds, per-step seconds, `cpu_util` (own CPU seconds per wall
+    second, i.e. the threads actually busy), `others_cores` (other processes' mean CPU use during
+    the timed steps) and `contended_steps`.
+    """
+    clock, windows = CpuClock(), []
+    for _ in range(steps):
+        clock.start()
+        step()
+        windows.append(clock.stop())
+    walls = [w.wall_s for w in windows]
+    total_wall = sum(walls)
+    return {
+        "step_s": statistics.median(walls),
+        "step_min_s": min(walls),
+        "step_max_s": max(walls),
+        "steps_s": [round(w, 4) for w in walls],
+        "cpu_util": sum(w.own_cpu_s for w in windows) / total_wall,
+        "others_cores": sum(w.others_cpu_s for w in windows) / total_wall,
+        "contended_steps": sum(w.others_cores > CONTENDED_CORES for w in windows),
+    }
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (`ru_maxrss` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """nproc, CPU model, total memory, as reported by the OS."""
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {"nproc": os.cpu_count(), "cpu_model": cpu_model(),
+            "mem_gib": round(mem_kb / 2 ** 20, 1)}
+
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def run_worker(args: Sequence[str], cpus: Sequence[int], env: dict[str, str],
+               timeout_s: float) -> str:
+    """Run `python <args>` pinned to `cpus`; return the payload of its `RESULT_PREFIX` line.
+
+    Worker output is captured (JAX/TF import chatter) and shown only when the worker fails.
+    """
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, preexec_fn=lambda: pin_to_cpus(cpus))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise RuntimeError(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+    return lines[-1][len(RESULT_PREFIX):]

@@ -1,0 +1,379 @@
+"""LoRA training-step speed: peftjax vs Hugging Face peft on the T5 v1.1 small shape, on CPU.
+
+Launch from the repository root with the project's virtual environment:
+
+    . .venv/bin/activate
+    PYTHONPATH=. python bench/t5_lora_step.py [--steps 10] [--threads 2] [--json]
+
+What is measured (random weights, no downloads; batch 8 x 128 input / 32 target tokens):
+  * peftjax LoRA: `peftjax.train.step.make_train_step` over the LoRA factors (r=8, alpha=16, on q
+    and v of every self- and cross-attention), AdamW, the frozen base an undifferentiated argument;
+  * HF peft LoRA: `peft.get_peft_model(T5ForConditionalGeneration(...), LoraConfig(r=8,
+    lora_alpha=16, target_modules=["q", "v"]))`, torch AdamW, `loss.backward()`, `step()`,
+    `zero_grad()`;
+  * full fine-tuning of both (peftjax: the same step with every `nnx.Param` trainable);
+  * XLA's FLOP count of the peftjax steps and this machine's fp32 2048^3 matmul rate in JAX (and
+    torch), hence the FLOP floor of a step.
+
+Every framework runs in its own subprocess pinned to the first `--threads` CPUs
+(`sched_setaffinity`, i.e. what `taskset` does); torch additionally gets `set_num_threads`. The
+affinity mask is what bounds XLA:CPU's thread pools: `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1` was checked to leave a jitted matmul using 2 cores with jax 0.10.
+Each worker compiles / warms up first, waits for the machine to be quiet, then times `--steps`
+steps and reports the median. Tokens/s = batch x (128 + 32) / median step time. Peak memory is
+`ru_maxrss` of each worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, when run as a script
+
+import common  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH, SOURCE_LEN, TARGET_LEN = 8, 128, 32
+TOKENS_PER_STEP = BATCH * (SOURCE_LEN + TARGET_LEN)
+LORA_RANK, LORA_ALPHA = 8, 16
+LEARNING_RATE = 1e-4
+MATMUL_N = 2048
+# T5 v1.1 small (google/t5-v1_1-small); the peftjax worker checks preset("small") against it.
+SHAPE = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_heads=6,
+             num_encoder_layers=8, num_decoder_layers=8)
+
+
+def synthetic_batch() -> dict[str, Any]:
+    """Identical int32 numpy features for both frameworks; no padding (token ids >= 1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(1, SHAPE["vocab_size"], (BATCH, SOURCE_LEN), dtype=np.int32)
+    targets = rng.integers(1, SHAPE["vocab_size"], (BATCH, TARGET_LEN), dtype=np.int32)
+    decoder_inputs = np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], axis=1)
+    return {
+        "encoder_input_tokens": inputs,
+        "decoder_input_tokens": decoder_inputs,
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": np.ones((BATCH, TARGET_LEN), np.int32),
+        "encoder_task_ids": np.zeros((BATCH, SOURCE_LEN), np.int32),
+        "decoder_task_ids": np.zeros((BATCH, TARGET_LEN), np.int32),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: each runs in its own pinned subprocess and returns a JSON-able dict.
+
+
+def _xla_gflop(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost["flops"] / 1e9
+
+
+def worker_jax_matmul(steps: int, warmup: int, quiet_wait_s: float) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (MATMUL_N, MATMUL_N), jnp.float32)
+    b = jax.random.normal(key_b, (MATMUL_N, MATMUL_N), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    for _ in range(warmup):
+        matmul(a, b).block_until_ready()
+    common.wait_for_quiet(quiet_wait_s)
+    timing = common.time_steps(lambda: matmul(a, b).block_until_ready(), steps)
+    return _matmul_summary(timing)
+
+
+def worker_torch_matmul(steps: int, warmup: int, quiet_wait_s: float,
+                        threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    for _ in range(warmup):
+        a @ b
+    common.wait_for_quiet(quiet_wait_s)
+    timing = common.time_steps(lambda: a @ b, steps)
+    return _matmul_summary(timing)
+
+
+def _matmul_summary(timing: dict[str, Any]) -> dict[str, Any]:
+    flop = 2 * MATMUL_N ** 3
+    return {**timing, "gflops_median": flop / timing["step_s"] / 1e9,
+            "gflops_best": flop / timing["step_min_s"] / 1e9, "peak_rss_mb": common.peak_rss_mb()}
+
+
+def worker_peftjax(method: str, steps: int, warmup: int, quiet_wait_s: float) -> dict[str, Any]:
+    """`method`: "lora" (LoRA factors trainable) or "full" (every nnx.Param trainable)."""
+    import time
+
+    import jax
+    import optax
+    from flax import nnx
+
+    from peftjax.models import T5, preset
+    from peftjax.peft import TRAINABLE, PeftConfig, apply_peft
+    from peftjax.train.step import init_train_state, make_eval_step, make_train_step
+
+    rss_after_import = common.rss_mb()
+    cfg = preset("small")
+    mismatch = {k: (getattr(cfg, k), v) for k, v in SHAPE.items() if getattr(cfg, k) != v}
+    if mismatch or cfg.feed_forward_proj != "gated-gelu" or cfg.tie_word_embeddings:
+        raise RuntimeError(f"preset('small') is not the T5 v1.1 small shape: {mismatch}")
+    model = T5(cfg, rngs=nnx.Rngs(0))
+    if method == "lora":
+        apply_peft(model, PeftConfig(method="lora", mode="shared", rank=LORA_RANK,
+                                     alpha=LORA_ALPHA, targets=r".*attention\.(q|v)"),
+                   num_tasks=None, rngs=nnx.Rngs(1))
+        trainable_filter = TRAINABLE
+    else:
+        trainable_filter = nnx.Param
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+    trainable_params = sum(x.size for x in jax.tree.leaves(trainable))
+    frozen_params = sum(x.size for x in jax.tree.leaves(frozen))
+
+    optimizer = optax.adamw(LEARNING_RATE)
+    batch = {k: jax.numpy.asarray(v) for k, v in synthetic_batch().items()}
+    rng = jax.random.key(0)
+    train_step = make_train_step(graphdef, optimizer, packed=False, num_task_ids=1)
+    eval_step = make_eval_step(graphdef, packed=False, num_task_ids=1)
+    forward_gflop = _xla_gflop(eval_step.lower(trainable, frozen, batch).compile())
+    state = init_train_state(trainable, optimizer)
+
+    start = time.perf_counter()
+    compiled = train_step.lower(state, frozen, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    step_gflop = _xla_gflop(compiled)
+
+    holder: dict[str, Any] = {"state": state}
+    losses: list[float] = []
+
+    def step() -> None:
+        holder["state"], metrics = compiled(holder["state"], frozen, batch, rng)
+        jax.block_until_ready((holder["state"], metrics))
+        holder["metrics"] = metrics
+
+    def loss() -> float:
+        m = holder["metrics"]
+        return float(m["loss_sum"]) / float(m["tokens"])
+
+    for _ in range(warmup):
+        step()
+        losses.append(loss())
+    common.wait_for_quiet(quiet_wait_s)
+    timing = common.time_steps(step, steps)
+    losses.append(loss())
+    return {**timing, "compile_s": compile_s, "step_gflop": step_gflop,
+            "forward_gflop": forward_gflop, "trainable_params": trainable_params,
+            "frozen_params": frozen_params, "loss_first": losses[0], "loss_last": losses[-1],
+            "rss_after_import_mb": rss_after_import, "peak_rss_mb": common.peak_rss_mb()}
+
+
+def worker_hf(method: str, steps: int, warmup: int, quiet_wait_s: float,
+              threads: int) -> dict[str, Any]:
+    """`method`: "lora" (HF peft LoRA) or "full" (plain model, every parameter trained)."""
+    import peft
+    import torch
+    import transformers
+
+    rss_after_import = common.rss_mb()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=SHAPE["vocab_size"], d_model=SHAPE["d_model"], d_kv=SHAPE["d_kv"],
+        d_ff=SHAPE["d_ff"], num_heads=SHAPE["num_heads"], num_layers=SHAPE["num_encoder_layers"],
+        num_decoder_layers=SHAPE["num_decoder_layers"], feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config)
+    # transformers 5 always ties T5's lm_head to the input embedding (T5Config forces
+    # tie_word_embeddings=True; False only turns off decoder-output scaling). T5 v1.1 has an
+    # untied head, as peftjax's preset does: give lm_head its own weight.
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    base_params = sum(p.numel() for p in model.parameters())
+    if method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=["q", "v"], lora_dropout=0.0))
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        raise RuntimeError("lm_head is tied again to the input embedding")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable_params = sum(p.numel() for p in params)
+    frozen_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+
+    features = {k: torch.from_numpy(v).long() for k, v in synthetic_batch().items()}
+    inputs = dict(input_ids=features["encoder_input_tokens"],
+                  attention_mask=torch.ones_like(features["encoder_input_tokens"]),
+                  decoder_input_ids=features["decoder_input_tokens"],
+                  labels=features["decoder_target_tokens"])
+    losses: list[float] = []
+
+    def step() -> None:
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    for _ in range(warmup):
+        step()
+    common.wait_for_quiet(quiet_wait_s)
+    timing = common.time_steps(step, steps)
+    return {**timing, "trainable_params": trainable_params, "frozen_params": frozen_params,
+            "base_params": base_params, "loss_first": losses[0], "loss_last": losses[-1],
+            "rss_after_import_mb": rss_after_import, "peak_rss_mb": common.peak_rss_mb()}
+
+
+def run_worker_in_process(args: argparse.Namespace) -> dict[str, Any]:
+    name, steps, warmup, quiet = args.worker, args.steps, args.warmup, args.quiet_wait
+    if name == "jax_matmul":
+        return worker_jax_matmul(max(steps, 10), warmup, quiet)
+    if name == "torch_matmul":
+        return worker_torch_matmul(max(steps, 10), warmup, quiet, args.threads)
+    if name.startswith("peftjax_"):
+        return worker_peftjax(name.removeprefix("peftjax_"), steps, warmup, quiet)
+    if name.startswith("hf_"):
+        return worker_hf(name.removeprefix("hf_"), steps, warmup, quiet, args.threads)
+    raise SystemExit(f"unknown worker {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration.
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    cpus = common.first_cpus(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    names = ["jax_matmul", "torch_matmul", "peftjax_lora", "hf_lora"]
+    if not args.no_full_ft:
+        names += ["peftjax_full", "hf_full"]
+    results: dict[str, Any] = {}
+    for name in names:
+        print(f"[bench] {name} on CPUs {cpus} ...", file=sys.stderr, flush=True)
+        payload = common.run_worker(
+            [str(Path(__file__).resolve()), "--worker", name, "--steps", str(args.steps),
+             "--warmup", str(args.warmup), "--threads", str(args.threads),
+             "--quiet-wait", str(args.quiet_wait)], cpus, env, timeout_s=args.timeout)
+        results[name] = json.loads(payload)
+        r = results[name]
+        print(f"[bench] {name}: median {r['step_s']:.3f} s (min {r['step_min_s']:.3f}), "
+              f"cpu util {r['cpu_util']:.2f}, others {r['others_cores']:.2f} cores",
+              file=sys.stderr, flush=True)
+    return summarize(results, args, cpus)
+
+
+def summarize(r: dict[str, Any], args: argparse.Namespace, cpus: list[int]) -> dict[str, Any]:
+    pj, hf, mm = r["peftjax_lora"], r["hf_lora"], r["jax_matmul"]
+    out: dict[str, Any] = {
+        "machine": common.machine(), "threads": args.threads, "cpus": cpus, "steps": args.steps,
+        "batch": BATCH, "source_len": SOURCE_LEN, "target_len": TARGET_LEN,
+        "tokens_per_step": TOKENS_PER_STEP,
+        "peftjax_step_s": pj["step_s"], "peftjax_step_min_s": pj["step_min_s"],
+        "peftjax_tokens_per_s": TOKENS_PER_STEP / pj["step_s"],
+        "hf_peft_step_s": hf["step_s"], "hf_peft_step_min_s": hf["step_min_s"],
+        "hf_peft_tokens_per_s": TOKENS_PER_STEP / hf["step_s"],
+        "speedup": hf["step_s"] / pj["step_s"],
+        "peftjax_compile_s": pj["compile_s"],
+        "peftjax_step_gflop": pj["step_gflop"], "peftjax_forward_gflop": pj["forward_gflop"],
+        "peftjax_step_over_forward_flops": pj["step_gflop"] / pj["forward_gflop"],
+        "matmul_gflops": mm["gflops_best"], "matmul_gflops_median": mm["gflops_median"],
+        "torch_matmul_gflops": r["torch_matmul"]["gflops_best"],
+        "achieved_gflops": pj["step_gflop"] / pj["step_s"],
+        "floor_step_s": pj["step_gflop"] / mm["gflops_best"],
+        "peftjax_trainable_params": pj["trainable_params"],
+        "hf_peft_trainable_params": hf["trainable_params"],
+        "peftjax_base_params": pj["frozen_params"], "hf_base_params": hf["base_params"],
+        "peftjax_peak_rss_mb": pj["peak_rss_mb"], "hf_peft_peak_rss_mb": hf["peak_rss_mb"],
+    }
+    if "peftjax_full" in r:
+        pf, hff = r["peftjax_full"], r["hf_full"]
+        out.update({
+            "peftjax_full_ft_step_s": pf["step_s"], "hf_full_ft_step_s": hff["step_s"],
+            "peftjax_full_ft_tokens_per_s": TOKENS_PER_STEP / pf["step_s"],
+            "hf_full_ft_tokens_per_s": TOKENS_PER_STEP / hff["step_s"],
+            "full_ft_speedup": hff["step_s"] / pf["step_s"],
+            "peftjax_full_ft_step_gflop": pf["step_gflop"],
+            "peftjax_full_ft_achieved_gflops": pf["step_gflop"] / pf["step_s"],
+            "peftjax_full_ft_peak_rss_mb": pf["peak_rss_mb"],
+            "hf_full_ft_peak_rss_mb": hff["peak_rss_mb"],
+        })
+    out["workers"] = r
+    return out
+
+
+def print_table(s: dict[str, Any]) -> None:
+    m = s["machine"]
+    print(f"\nT5 v1.1 small, batch {s['batch']} x {s['source_len']} in / {s['target_len']} out "
+          f"({s['tokens_per_step']} tokens/step), {s['threads']} threads on CPUs {s['cpus']}; "
+          f"{m['nproc']} x {m['cpu_model']}")
+    print(f"{'':28} {'peftjax':>12} {'HF peft':>12} {'ratio':>8}")
+
+    def row(label: str, a: float, b: float, ratio: float | None, fmt: str = ".3f") -> None:
+        ratio_s = f"{ratio:.2f}x" if ratio is not None else ""
+        print(f"{label:28} {a:>12{fmt}} {b:>12{fmt}} {ratio_s:>8}")
+
+    row("LoRA step, median (s)", s["peftjax_step_s"], s["hf_peft_step_s"], s["speedup"])
+    row("LoRA step, min (s)", s["peftjax_step_min_s"], s["hf_peft_step_min_s"],
+        s["hf_peft_step_min_s"] / s["peftjax_step_min_s"])
+    row("LoRA tokens/s", s["peftjax_tokens_per_s"], s["hf_peft_tokens_per_s"], s["speedup"],
+        ".0f")
+    row("LoRA peak RSS (MiB)", s["peftjax_peak_rss_mb"], s["hf_peft_peak_rss_mb"], None, ".0f")
+    if "peftjax_full_ft_step_s" in s:
+        row("full FT step, median (s)", s["peftjax_full_ft_step_s"], s["hf_full_ft_step_s"],
+            s["full_ft_speedup"])
+        row("full FT tokens/s", s["peftjax_full_ft_tokens_per_s"], s["hf_full_ft_tokens_per_s"],
+            s["full_ft_speedup"], ".0f")
+        row("full FT peak RSS (MiB)", s["peftjax_full_ft_peak_rss_mb"],
+            s["hf_full_ft_peak_rss_mb"], None, ".0f")
+    print(f"peftjax LoRA step: {s['peftjax_step_gflop']:.1f} GFLOP (XLA cost analysis) = "
+          f"{s['peftjax_step_over_forward_flops']:.2f} x forward; fp32 {MATMUL_N}^3 matmul "
+          f"{s['matmul_gflops']:.0f} GFLOP/s (JAX, best; torch {s['torch_matmul_gflops']:.0f}) "
+          f"-> floor {s['floor_step_s']:.3f} s/step; achieved {s['achieved_gflops']:.0f} GFLOP/s "
+          f"({s['achieved_gflops'] / s['matmul_gflops']:.0%} of the matmul rate)")
+    if "peftjax_full_ft_step_gflop" in s:
+        print(f"peftjax full FT step: {s['peftjax_full_ft_step_gflop']:.1f} GFLOP, achieved "
+              f"{s['peftjax_full_ft_achieved_gflops']:.0f} GFLOP/s")
+    for name, w in s["workers"].items():
+        flag = "  <- CONTENDED" if w["contended_steps"] else ""
+        print(f"  {name:14} cpu util {w['cpu_util']:.2f}, other processes "
+              f"{w['others_cores']:.2f} cores, contended steps {w['contended_steps']}{flag}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per framework")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--threads", type=int, default=2, help="CPUs (threads) per framework")
+    parser.add_argument("--no-full-ft", action="store_true", help="skip full fine-tuning runs")
+    parser.add_argument("--quiet-wait", type=float, default=120.0,
+                        help="max seconds each worker waits for other processes to go idle")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="per-worker timeout (s)")
+    parser.add_argument("--json", action="store_true", help="print a JSON object as last line")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
+
+    if args.worker:
+        result = run_worker_in_process(args)
+        print(common.RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+    summary = run_all(args)
+    print_table(summary)
+    if args.json:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
