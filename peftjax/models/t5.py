@@ -26,6 +26,11 @@ from peftjax.models.layers import Dense, Embed, Hook, RMSNorm, activation_fn
 KVCache = tuple[jax.Array, jax.Array]  # keys, values: [batch, max_length, heads, d_kv]
 
 
+def _norm(cfg: T5Config) -> RMSNorm:
+    return RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
+                   param_dtype=jnp.dtype(cfg.param_dtype))
+
+
 class MLP(nnx.Module):
     """Gated (`act(x wi_0) * (x wi_1)`, v1.1) or plain (`act(x wi)`, original T5) feed-forward."""
 
@@ -61,12 +66,10 @@ class _Layer(nnx.Module):
 class EncoderLayer(_Layer):
     def __init__(self, cfg: T5Config, index: int, *, rngs: nnx.Rngs):
         name = f"encoder.{index}"
-        norm_kw = dict(eps=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
-                       param_dtype=jnp.dtype(cfg.param_dtype))
-        self.attention_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.attention_norm = _norm(cfg)
         self.self_attention = Attention(cfg, salt=site_salt(name + ".attn"), rngs=rngs)
         self.post_attention = Hook()
-        self.mlp_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.mlp_norm = _norm(cfg)
         self.mlp = MLP(cfg, salt=site_salt(name + ".mlp"), rngs=rngs)
         self.post_ffn = Hook()
         self.dropout_rate = cfg.dropout_rate
@@ -83,15 +86,13 @@ class EncoderLayer(_Layer):
 class DecoderLayer(_Layer):
     def __init__(self, cfg: T5Config, index: int, *, rngs: nnx.Rngs):
         name = f"decoder.{index}"
-        norm_kw = dict(eps=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
-                       param_dtype=jnp.dtype(cfg.param_dtype))
-        self.attention_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.attention_norm = _norm(cfg)
         self.self_attention = Attention(cfg, salt=site_salt(name + ".attn"), rngs=rngs)
         self.post_attention = Hook()
-        self.cross_attention_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.cross_attention_norm = _norm(cfg)
         self.cross_attention = Attention(cfg, salt=site_salt(name + ".cross"), rngs=rngs)
         self.post_cross_attention = Hook()
-        self.mlp_norm = RMSNorm(cfg.d_model, **norm_kw)
+        self.mlp_norm = _norm(cfg)
         self.mlp = MLP(cfg, salt=site_salt(name + ".mlp"), rngs=rngs)
         self.post_ffn = Hook()
         self.dropout_rate = cfg.dropout_rate
@@ -126,9 +127,7 @@ class Encoder(nnx.Module):
         self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs)
                                 for i in range(cfg.num_encoder_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon,
-                                  dtype=jnp.dtype(cfg.dtype),
-                                  param_dtype=jnp.dtype(cfg.param_dtype))
+        self.final_norm = _norm(cfg)
         self.dropout_rate = cfg.dropout_rate
         self.salts = (site_salt("encoder.embed"), site_salt("encoder.final"))
 
@@ -150,9 +149,7 @@ class Decoder(nnx.Module):
         self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs)
                                 for i in range(cfg.num_decoder_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon,
-                                  dtype=jnp.dtype(cfg.dtype),
-                                  param_dtype=jnp.dtype(cfg.param_dtype))
+        self.final_norm = _norm(cfg)
         self.dropout_rate = cfg.dropout_rate
         self.salts = (site_salt("decoder.embed"), site_salt("decoder.final"))
 
