@@ -7,8 +7,9 @@ The frozen base (`assets/quickstart_base/`, an HF-format T5 made by
 `scripts/pretrain_quickstart_base.py`) knows single string skills: copy, reverse, Caesar shift,
 uppercase, double letters. The 8 tasks of the `synthetic_suite` mixture compose two or three of
 them ("reverse_shift: abc" → "dcb"), which the base cannot do. One LoRA per task, selected per
-example by its task id inside mixed-task packed batches, learns each composition; `eval` prints
-the per-task table against the frozen base.
+example by its task id inside mixed-task batches, learns each composition; `eval` prints the
+per-task table against the frozen base. Unpacked batches: one task per row lets each row gather
+its own adapter, cheaper here than per-token selection over all 13 task ids in packed rows.
 """
 
 import os
@@ -29,14 +30,15 @@ def get_config(arg: str = ""):
     config.peft.targets = r".*(attention\.(q|k|v|o)|mlp\.(wi_0|wi_1|wo))"
     config.data.mixture = "synthetic_suite"
     config.data.batch_size = 32
+    config.data.pack = False
     config.data.inputs_length = 32
     config.data.targets_length = 32
     config.data.eval_examples = 64
     config.optim.learning_rate = 3e-3
     config.optim.warmup_steps = 50
-    config.train.steps = 1200
+    config.train.steps = 1000
     config.train.log_every = 100
-    config.train.checkpoint_every = 400
+    config.train.checkpoint_every = 500
     if arg == "quick":  # a smoke run for tests and CI
         config.train.steps = 20
         config.train.log_every = 10
