@@ -155,3 +155,20 @@ def test_trainable_axes_are_named():
     for path, variable in nnx.to_flat_state(exp.trainable):
         axes = variable.get_metadata()["axes"]
         assert len(axes) == variable.value.ndim and axes[0] == "tasks", path
+
+
+def test_bfloat16_compute_keeps_float32_trainables_and_tracks_float32():
+    config16 = tiny_config(model__dtype="bfloat16", optim__warmup_steps=0)
+    exp16, exp32 = build(config16), build(tiny_config(optim__warmup_steps=0))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(exp16.trainable))
+    optimizer = make_optimizer(config16.optim, 10)
+    batch = put_batch(next(batches(config16)), exp16)
+    losses = []
+    for exp in (exp16, exp32):
+        step = make_train_step(exp.graphdef, optimizer, packed=True,
+                               num_task_ids=exp.num_task_ids)
+        state, metrics = step(init_train_state(exp.trainable, optimizer), exp.frozen, batch,
+                              jax.random.key(0))
+        assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.trainable))
+        losses.append(float(metrics["loss_sum"] / metrics["tokens"]))
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
