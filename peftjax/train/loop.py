@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from peftjax import data
 from peftjax.checkpoint import Checkpoints
-from peftjax.config import to_json, validate
+from peftjax.config import to_json
 from peftjax.sharding import batch_sharding, replicate_unplaced
 from peftjax.train.evaluate import evaluate, mean_over_tasks
 from peftjax.train.experiment import Experiment, build
@@ -32,29 +32,30 @@ def put_batch(batch: dict[str, np.ndarray], exp: Experiment) -> dict[str, jax.Ar
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def _checkpoints(workdir: str, config: ConfigDict, create: bool) -> Checkpoints:
-    return Checkpoints(os.path.join(workdir, "checkpoints"),
-                       max_to_keep=config.train.keep_checkpoints, create=create)
+def _existing_checkpoints(workdir: str, config: ConfigDict) -> Checkpoints | None:
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    ckpt = Checkpoints(directory, max_to_keep=config.train.keep_checkpoints, create=False)
+    return ckpt if ckpt.latest_step() is not None else None
 
 
-def prepare(config: ConfigDict, workdir: str) -> tuple[Experiment, Checkpoints]:
-    """Build the run and check an existing checkpoint fits it, before writing anything."""
-    validate(config)
+def prepare(config: ConfigDict, workdir: str) -> tuple[Experiment, Checkpoints | None]:
+    """Build the run and check that the workdir's checkpoint (if any) fits it; writes nothing."""
     exp = build(config)
-    has_checkpoint = os.path.isdir(os.path.join(workdir, "checkpoints"))
-    ckpt = _checkpoints(workdir, config, create=has_checkpoint)
-    if has_checkpoint and ckpt.latest_step() is not None:
+    ckpt = _existing_checkpoints(workdir, config)
+    if ckpt is not None:
         ckpt.check_fingerprint(exp.fingerprint())
     return exp, ckpt
 
 
 def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Train (resuming from `workdir` if it holds a checkpoint); returns the final eval means."""
-    exp, ckpt = prepare(config, workdir)
+    exp, existing = prepare(config, workdir)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if not os.path.isdir(ckpt.directory):
-        ckpt = _checkpoints(workdir, config, create=True)
+    ckpt = existing or Checkpoints(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=config.train.keep_checkpoints)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
@@ -67,7 +68,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     optimizer = make_optimizer(config.optim, total_steps)
     state = replicate_unplaced(init_train_state(exp.trainable, optimizer), exp.mesh)
     meta = {"fingerprint": exp.fingerprint(), "data_position": 0}
-    if ckpt.latest_step() is not None:
+    if existing is not None:
         restored, meta = ckpt.restore(state.as_dict())
         state = TrainState.from_dict(restored)
         print(f"Resumed from step {int(state.step)} ({ckpt.directory}).", flush=True)
@@ -83,8 +84,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     rng = jax.random.key(config.seed)
     eval_sharding = batch_sharding(exp.mesh, config.mesh.rules)
 
-    def run_eval(step: int) -> dict[str, float]:
-        results = evaluate(exp.graphdef, state.trainable, exp.frozen, task_names=exp.task_names,
+    def run_eval(step: int, trainable) -> dict[str, float]:
+        results = evaluate(exp.graphdef, trainable, exp.frozen, task_names=exp.task_names,
                            data_config=config.data, sharding=eval_sharding)
         scalars = {f"eval/{m}/{t}": v for t, s in results.items() for m, v in s.items()}
         means = mean_over_tasks(results)
@@ -110,12 +111,12 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                                  acc=f"{summary['token_accuracy']:.3f}")
             accumulated = None
         if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
-            means = run_eval(done)
+            means = run_eval(done, state.trainable)
         if done % config.train.checkpoint_every == 0 or done == total_steps:
             ckpt.save(done, state.as_dict(), _meta(exp, done))
     progress.close()
     if start < total_steps or not means:
-        means = run_eval(total_steps)
+        means = run_eval(total_steps, state.trainable)
     ckpt.wait()
     writer.flush()
     print("Final eval (mean over tasks): " + json.dumps({k: round(v, 4) for k, v in means.items()}),
@@ -131,7 +132,7 @@ def _meta(exp: Experiment, step: int) -> dict:
 def restore_trained(config: ConfigDict, workdir: str) -> tuple[Experiment, TrainState]:
     """The built run with the latest checkpoint's trainable state (for eval and export)."""
     exp, ckpt = prepare(config, workdir)
-    if not os.path.isdir(ckpt.directory) or ckpt.latest_step() is None:
+    if ckpt is None:
         raise FileNotFoundError(f"No checkpoint in {workdir!r}; train first with "
                                 f"`peftjax train --config ... --workdir {workdir}`.")
     optimizer = make_optimizer(config.optim, int(config.train.steps))
