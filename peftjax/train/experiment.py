@@ -105,6 +105,12 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
                           f"the data's ({vocab_size}); set config.model.vocab_size >= "
                           f"{vocab_size}.")
     mesh = make_mesh(config.mesh.shape)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
+    for key in ("batch_size", "eval_batch_size"):
+        if config.data[key] % data_parallel:
+            raise ConfigError(f"config.data.{key}={config.data[key]} does not split evenly over "
+                              f"{data_parallel} data-parallel shards (mesh data x fsdp x "
+                              f"processes); use a multiple of {data_parallel}.")
     model = build_base_model(config)
     adapted = []
     if with_peft:

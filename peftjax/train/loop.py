@@ -57,8 +57,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     ckpt = existing or Checkpoints(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=config.train.keep_checkpoints)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(to_json(config))
+        _write_config(config, workdir, resumed_at=None if existing is None else
+                      existing.latest_step())
     counts = exp.parameter_counts()
     print(f"Parameters: total {counts['total']:,} | trainable {counts['trainable']:,} "
           f"({100 * counts['trainable'] / counts['total']:.3f}%) | {exp.peft_config.method} "
@@ -97,7 +97,6 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train",
                     disable=not (config.train.progress and is_main), file=sys.stderr,
                     dynamic_ncols=True)
-    means: dict[str, float] = {}
     for step in progress:
         state, metrics = train_step(state, exp.frozen, put_batch(next(batches), exp), rng)
         accumulated = metrics if accumulated is None else jax.tree.map(jnp.add, accumulated,
@@ -111,17 +110,30 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                                  acc=f"{summary['token_accuracy']:.3f}")
             accumulated = None
         if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
-            means = run_eval(done, state.trainable)
+            run_eval(done, state.trainable)
         if done % config.train.checkpoint_every == 0 or done == total_steps:
             ckpt.save(done, state.as_dict(), _meta(exp, done))
     progress.close()
-    if start < total_steps or not means:
-        means = run_eval(total_steps, state.trainable)
+    means = run_eval(total_steps, state.trainable)
     ckpt.wait()
     writer.flush()
     print("Final eval (mean over tasks): " + json.dumps({k: round(v, 4) for k, v in means.items()}),
           flush=True)
     return means
+
+
+def _write_config(config: ConfigDict, workdir: str, resumed_at: int | None) -> None:
+    """`config.json` records the run's first config; a resume with changed values (say, more
+    steps) adds `config.resume_<step>.json` rather than overwrite what the run started with."""
+    text = to_json(config)
+    path = os.path.join(workdir, "config.json")
+    if resumed_at is not None and os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+        path = os.path.join(workdir, f"config.resume_{resumed_at}.json")
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _meta(exp: Experiment, step: int) -> dict:
