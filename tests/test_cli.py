@@ -47,6 +47,9 @@ def test_train_again_resumes_from_the_latest_checkpoint(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from step 6" in result.stdout
     assert "8" in os.listdir(workdir / "checkpoints")
+    # The config the run started with is kept; the changed one is recorded beside it.
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 6
+    assert json.loads((workdir / "config.resume_6.json").read_text())["train"]["steps"] == 8
 
 
 def test_eval_writes_adapted_and_base_metrics_for_every_task(trained):
