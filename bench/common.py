@@ -7,7 +7,7 @@ Timing on a shared machine: other processes may run during a benchmark. Every ti
 therefore records, besides its wall time, this process's CPU time and the CPU time that *other*
 processes used meanwhile (system busy time from `/proc/stat`, including hypervisor steal, minus our
 own). A step is reported as contended when others used more than `CONTENDED_CORES` of a core on
-average during it.
+average during it (beyond the 10 ms clock-tick resolution of those counters).
 """
 
 from __future__ import annotations
@@ -67,6 +67,12 @@ class Window:
     def others_cores(self) -> float:
         return self.others_cpu_s / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def contended(self) -> bool:
+        """Others used > CONTENDED_CORES, beyond the 2-tick resolution of /proc/stat."""
+        tick_s = 1 / os.sysconf("SC_CLK_TCK")
+        return self.others_cpu_s > CONTENDED_CORES * self.wall_s + 2 * tick_s
+
 
 class CpuClock:
     """Measures a `Window` between `start()` and `stop()`."""
@@ -90,18 +96,20 @@ def wait_for_quiet(max_wait_s: float, *, sample_s: float = 1.0) -> float:
     while True:
         clock.start()
         time.sleep(sample_s)
-        others = clock.stop().others_cores
-        if others < CONTENDED_CORES or time.monotonic() >= deadline:
-            return others
+        window = clock.stop()
+        if not window.contended or time.monotonic() >= deadline:
+            return window.others_cores
 
 
-def time_steps(step: Callable[[], Any], steps: int) -> dict[str, Any]:
+def time_steps(step: Callable[[], Any], steps: int, *, quiet_wait_s: float = 0.0) -> dict[str, Any]:
     """Run `step` (which must block until its work is done) `steps` times; timing summary.
 
-    Keys: median/min/max step seconds, per-step seconds, `cpu_util` (own CPU seconds per wall
-    second, i.e. the threads actually busy), `others_cores` (other processes' mean CPU use during
-    the timed steps) and `contended_steps`.
+    First waits up to `quiet_wait_s` for other processes to go idle. Keys: median/min/max step
+    seconds, per-step seconds, `cpu_util` (own CPU seconds per wall second, i.e. the threads
+    actually busy), `others_cores` (other processes' mean CPU use during the timed steps),
+    `contended_steps`, and `others_cores_before` (during the last second before timing).
     """
+    others_before = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else None
     clock, windows = CpuClock(), []
     for _ in range(steps):
         clock.start()
@@ -116,7 +124,8 @@ def time_steps(step: Callable[[], Any], steps: int) -> dict[str, Any]:
         "steps_s": [round(w, 4) for w in walls],
         "cpu_util": sum(w.own_cpu_s for w in windows) / total_wall,
         "others_cores": sum(w.others_cpu_s for w in windows) / total_wall,
-        "contended_steps": sum(w.others_cores > CONTENDED_CORES for w in windows),
+        "contended_steps": sum(w.contended for w in windows),
+        "others_cores_before": others_before,
     }
 
 
