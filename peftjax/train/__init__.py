@@ -1,8 +1,23 @@
-"""Training: pure jitted steps, the loop, evaluation, optimizer and metric writers."""
+"""Training: pure jitted steps, the loop, evaluation, optimizer and metric writers.
 
-from peftjax.train.experiment import Experiment, build
-from peftjax.train.loop import evaluate_run, restore_trained, train
-from peftjax.train.step import TrainState, make_eval_step, make_train_step
+`peftjax.train.step` (the jitted steps) imports only JAX; the loop and evaluation, which need the
+data pipeline (TensorFlow, seqio) and metric writers, load on first use of their names here.
+"""
 
-__all__ = ["Experiment", "TrainState", "build", "evaluate_run", "make_eval_step",
-           "make_train_step", "restore_trained", "train"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Experiment": "experiment", "build": "experiment",
+    "evaluate_run": "loop", "restore_trained": "loop", "train": "loop",
+    "TrainState": "step", "make_eval_step": "step", "make_train_step": "step",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'peftjax.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"peftjax.train.{_EXPORTS[name]}"), name)

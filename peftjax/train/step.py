@@ -65,7 +65,10 @@ def loss_and_metrics(logits_btv: jax.Array, batch: Batch,
     targets = batch["decoder_target_tokens"]
     weights = batch["decoder_loss_weights"].astype(jnp.float32)
     ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets)
-    correct_bt = (jnp.argmax(logits_btv, -1) == targets).astype(jnp.float32)
+    # "Target is the argmax" as target logit >= max logit: XLA shares the max with the softmax
+    # instead of a second pass over the vocabulary (ties, measure zero, count as correct).
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets[..., None], axis=-1)[..., 0]
+    correct_bt = (target_logit_bt >= jnp.max(logits_btv, axis=-1)).astype(jnp.float32)
     tokens = jnp.sum(weights)
     loss = jnp.sum(ce_bt * weights) / jnp.maximum(tokens, 1.0)
     per_task_btk = jax.nn.one_hot(batch["decoder_task_ids"], num_task_ids) * weights[..., None]
