@@ -66,6 +66,9 @@ def format_table(columns: dict[str, dict[str, dict[str, float]]]) -> str:
     rows.append(["MEAN"] + [f"{means[label].get(m, float('nan')):.3f}"
                             for m in metrics for label in labels])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+    def line(cells: list[str]) -> str:  # task names left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
