@@ -115,7 +115,10 @@ def test_per_token_ids_equal_per_example_ids_when_rows_are_single_task():
     per_example = model(enc, dec, task_ids=ids)
     per_token = model(enc, dec, encoder_task_ids=jnp.repeat(ids[:, None], 5, 1),
                       decoder_task_ids=jnp.repeat(ids[:, None], 3, 1))
-    np.testing.assert_allclose(per_example, per_token, rtol=1e-5, atol=1e-5)
+    # Two float32 contraction orders over adapters with N(0, 1) weights everywhere: compare at
+    # the scale of the logits.
+    scale = float(np.max(np.abs(per_example)))
+    assert float(np.max(np.abs(per_example - per_token))) <= 1e-5 * scale, scale
     assert not np.allclose(per_example, model(enc, dec, task_ids=jnp.array([0, 0])), atol=1e-3)
 
 
