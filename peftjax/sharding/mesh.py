@@ -61,6 +61,13 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def _mesh_axes(name: str | None, rules: Rules, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that the rules map logical axis `name` to."""
+    target = dict(rules).get(name) if name is not None else None
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    return tuple(t for t in targets if mesh.shape[t] > 1)
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Rules,
                     mesh: Mesh) -> PartitionSpec:
     """PartitionSpec of an array from its logical axes.
@@ -68,13 +75,10 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Rul
     A mesh axis is used at most once per array, and a dimension it does not divide stays
     replicated (so odd vocabulary or task counts never fail to place).
     """
-    table = dict(rules)
     used: set[str] = set()
     spec = []
     for name, size in zip(axes, shape, strict=True):
-        target = table.get(name) if name is not None else None
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+        targets = tuple(t for t in _mesh_axes(name, rules, mesh) if t not in used)
         ways = int(np.prod([mesh.shape[t] for t in targets])) if targets else 1
         if not targets or size % ways:
             spec.append(None)
@@ -96,9 +100,7 @@ def state_shardings(state: nnx.State, rules: Rules, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of `[batch, length]` input arrays."""
-    target = dict(rules).get("batch")
-    targets = (target,) if isinstance(target, str) else tuple(target or ())
-    targets = tuple(t for t in targets if mesh.shape[t] > 1)
+    targets = _mesh_axes("batch", rules, mesh)
     return NamedSharding(mesh, PartitionSpec(targets if targets else None))
 
 

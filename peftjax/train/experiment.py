@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from ml_collections import ConfigDict
 
 from peftjax import data
@@ -15,7 +16,7 @@ from peftjax.config import ConfigError, validate
 from peftjax.models import T5, T5Config, from_hf, preset
 from peftjax.models.hf import load_hf_config
 from peftjax.peft import PeftConfig, apply_peft, trainable_filter
-from peftjax.sharding import make_mesh, state_shardings
+from peftjax.sharding import batch_sharding, make_mesh, state_shardings
 
 
 @dataclasses.dataclass
@@ -33,6 +34,11 @@ class Experiment:
     trainable: nnx.State
     frozen: nnx.State
     adapted_paths: list[str]
+
+    @functools.cached_property
+    def batch_sharding(self) -> NamedSharding:
+        """How `[batch, length]` inputs split over the mesh."""
+        return batch_sharding(self.mesh, self.config.mesh.rules)
 
     @property
     def packed(self) -> bool:

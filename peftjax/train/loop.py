@@ -10,13 +10,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from peftjax import data
 from peftjax.checkpoint import Checkpoints
 from peftjax.config import to_json
-from peftjax.sharding import batch_sharding, replicate_unplaced
+from peftjax.sharding import replicate_unplaced
 from peftjax.train.evaluate import evaluate, mean_over_tasks
 from peftjax.train.experiment import Experiment, build
 from peftjax.train.optim import make_optimizer
@@ -28,8 +29,15 @@ log = logging.getLogger(__name__)
 
 def put_batch(batch: dict[str, np.ndarray], exp: Experiment) -> dict[str, jax.Array]:
     """Host batch (this process's rows) → global arrays sharded over the batch axes."""
-    sharding = batch_sharding(exp.mesh, exp.config.mesh.rules)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(exp.batch_sharding, v)
+            for k, v in batch.items()}
+
+
+def _fresh_state(exp: Experiment, config: ConfigDict) -> tuple[optax.GradientTransformation,
+                                                                TrainState]:
+    """The optimizer and step-0 state, every leaf on the mesh (also the template to restore)."""
+    optimizer = make_optimizer(config.optim, int(config.train.steps))
+    return optimizer, replicate_unplaced(init_train_state(exp.trainable, optimizer), exp.mesh)
 
 
 def _existing_checkpoints(workdir: str, config: ConfigDict) -> Checkpoints | None:
@@ -65,9 +73,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
           f"({exp.peft_config.mode}) on {len(exp.adapted_paths)} modules", flush=True)
 
     total_steps = int(config.train.steps)
-    optimizer = make_optimizer(config.optim, total_steps)
-    state = replicate_unplaced(init_train_state(exp.trainable, optimizer), exp.mesh)
-    meta = {"fingerprint": exp.fingerprint(), "data_position": 0}
+    optimizer, state = _fresh_state(exp, config)
+    meta = _meta(exp, 0)
     if existing is not None:
         restored, meta = ckpt.restore(state.as_dict())
         state = TrainState.from_dict(restored)
@@ -82,11 +89,10 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                                  num_task_ids=exp.num_task_ids)
     writer = create_writer(workdir, is_main_process=is_main)
     rng = jax.random.key(config.seed)
-    eval_sharding = batch_sharding(exp.mesh, config.mesh.rules)
 
     def run_eval(step: int, trainable) -> dict[str, float]:
         results = evaluate(exp.graphdef, trainable, exp.frozen, task_names=exp.task_names,
-                           data_config=config.data, sharding=eval_sharding)
+                           data_config=config.data, sharding=exp.batch_sharding)
         scalars = {f"eval/{m}/{t}": v for t, s in results.items() for m, v in s.items()}
         means = mean_over_tasks(results)
         scalars.update({f"eval/{m}": v for m, v in means.items()})
@@ -147,8 +153,7 @@ def restore_trained(config: ConfigDict, workdir: str) -> tuple[Experiment, Train
     if ckpt is None:
         raise FileNotFoundError(f"No checkpoint in {workdir!r}; train first with "
                                 f"`peftjax train --config ... --workdir {workdir}`.")
-    optimizer = make_optimizer(config.optim, int(config.train.steps))
-    like = replicate_unplaced(init_train_state(exp.trainable, optimizer), exp.mesh)
+    _, like = _fresh_state(exp, config)
     restored, _ = ckpt.restore(like.as_dict())
     return exp, TrainState.from_dict(restored)
 
@@ -159,7 +164,7 @@ def evaluate_run(config: ConfigDict, workdir: str) -> dict[str, dict[str, dict[s
     Writes `workdir/eval/metrics.json` as `{"adapted": {task: {metric: v}}, "base": {...}}`.
     """
     exp, state = restore_trained(config, workdir)
-    sharding = batch_sharding(exp.mesh, config.mesh.rules)
+    sharding = exp.batch_sharding
     adapted = evaluate(exp.graphdef, state.trainable, exp.frozen, task_names=exp.task_names,
                        data_config=config.data, sharding=sharding)
     base_exp = build(config, with_peft=False)
