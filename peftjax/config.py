@@ -31,16 +31,44 @@ def default_config() -> ConfigDict:
     c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
 
     c.peft = ConfigDict()
-    c.peft.method = "lora"  # lora | houlsby | pfeiffer | full (all weights) | none
+    # lora | houlsby | pfeiffer | parallel | compacter | compacter_pp | phm | ia3 | prompt_tuning
+    # | prefix_tuning | ln_tuning | road | sparse | full (all weights) | none
+    c.peft.method = "lora"
     c.peft.mode = "shared"  # shared | per_task (one adapter per task, picked by task id)
     c.peft.targets = ""  # regex over module paths; "" = the method's default insertion points
+    c.peft.num_tasks = 0  # per_task table size; 0 = from the data (largest task id + 1)
+    # LoRA family
     c.peft.rank = 8
     c.peft.alpha = 16.0
     c.peft.dropout = 0.0
-    c.peft.rslora = False
-    c.peft.reduction_factor = 16  # bottleneck adapters: width = d_model // reduction_factor
+    c.peft.rslora = False  # scale alpha / sqrt(rank)
+    c.peft.dora = False  # DoRA: magnitude x normalised direction
+    c.peft.freeze_a = False  # asymmetric LoRA: A frozen at its random init
+    c.peft.lora_plus_ratio = 1.0  # LoRA+: lr(B) = ratio x lr(A); the paper suggests 16
+    # Bottleneck adapters (houlsby, pfeiffer, parallel, compacter, compacter_pp, phm)
+    c.peft.reduction_factor = 16  # width = d_model // reduction_factor
     c.peft.adapter_activation = "relu"
-    c.peft.num_tasks = 0  # per_task table size; 0 = from the data (largest task id + 1)
+    c.peft.adapter_scale = 1.0
+    c.peft.phm_dim = 4  # Kronecker summands n; d_model and the width must divide by it
+    c.peft.phm_rank = 1  # rank of the per-layer factors (Compacter: 1)
+    # (IA)^3: targets matching this are scaled on their input, the others on their output
+    c.peft.ia3_feedforward = r".*mlp\.wo"
+    # Prompt and prefix tuning
+    c.peft.num_virtual_tokens = 8
+    c.peft.prompt_init = "vocab"  # vocab (embeddings of sampled tokens) | random
+    c.peft.prefix_projection = False  # train prefixes through an MLP
+    c.peft.prefix_hidden = 0  # that MLP's width; 0 = d_model
+    # RoAd
+    c.peft.road_variant = "road_1"  # road_1 | road_2 | road_4
+    c.peft.road_group_size = 64
+    # Sparse fine-tuning
+    c.peft.sparse_density = 0.01
+    c.peft.sparse_mask_from = ""  # workdir of a first-pass run with method=full
+    # Composition over frozen source adapters (trained runs' workdirs)
+    c.peft.compose = "none"  # none | stack | parallel | average | scalearn
+    c.peft.sources = ()
+    c.peft.compose_weights = ()
+    c.peft.scalearn_form = "vector"  # vector | scalar | vector_shared | scalar_shared
 
     c.data = ConfigDict()
     c.data.mixture = "synthetic_suite"  # a seqio Task or Mixture name

@@ -8,7 +8,9 @@ from flax import nnx
 
 from peftjax.models import T5, Context, preset
 from peftjax.models.layers import Dense
-from peftjax.peft import BottleneckAdapter, LoRADense, PeftConfig, apply_peft
+from peftjax.peft import PeftConfig, apply_peft
+from peftjax.peft.bottleneck import BottleneckAdapter
+from peftjax.peft.lora import LoRADense
 
 RNG = np.random.default_rng(0)
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from peftjax.models.config import T5Config
 from peftjax.models.context import Context, dropout
-from peftjax.models.layers import Dense, normal
+from peftjax.models.layers import Dense, KeyValueHook, normal
 
 # Finite (not -inf) so a fully masked row gives a uniform softmax instead of NaN.
 MASK_VALUE = -1e9
@@ -75,7 +75,8 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with projections `q, k, v, o` (PEFT insertion points).
+    """Multi-head attention with projections `q, k, v, o` and a key/value `prefix` hook (PEFT
+    insertion points).
 
     Kernels are `[embed, joined_kv]` / `[joined_kv, embed]`, joined_kv = heads * d_kv. T5 folds
     the 1/sqrt(d_kv) scale into the initialisation, so scores are unscaled.
@@ -89,6 +90,7 @@ class Attention(nnx.Module):
         self.k = Dense(d, inner, axes=("embed", "joined_kv"), std=d ** -0.5, **kw)
         self.v = Dense(d, inner, axes=("embed", "joined_kv"), std=d ** -0.5, **kw)
         self.o = Dense(inner, d, axes=("joined_kv", "embed"), std=inner ** -0.5, **kw)
+        self.prefix = KeyValueHook()
         self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
         self.dropout_rate, self.salt = cfg.dropout_rate, salt
 
@@ -103,6 +105,7 @@ class Attention(nnx.Module):
                ctx: Context) -> jax.Array:
         """Queries from `x_btd` attend to the given keys/values → `[batch, target, embed]`."""
         q_bthk = self._heads(self.q(x_btd, ctx))
+        k_bshk, v_bshk, bias = self.prefix(k_bshk, v_bshk, bias, ctx)
         scores = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk,
                             preferred_element_type=jnp.float32) + bias
         probs = jax.nn.softmax(scores, axis=-1)

@@ -22,9 +22,9 @@ def greedy_decode(model: T5, encoder_input_tokens: jax.Array, *, max_length: int
     cfg = model.config
     batch = encoder_input_tokens.shape[0]
     enc_ctx, dec_ctx = task_contexts(task_ids, None, None, None)
-    encoded = model.encode(encoder_input_tokens, enc_ctx)
+    encoded, key_mask = model.encode(encoder_input_tokens, enc_ctx)
     cross_kv = model.decoder.cross_key_values(encoded, enc_ctx)
-    cross_bias = mask_to_bias((encoder_input_tokens > 0)[:, None, None, :])
+    cross_bias = mask_to_bias(key_mask[:, None, None, :])
     cache_shape = (batch, max_length, cfg.num_heads, cfg.d_kv)
     caches = [(jnp.zeros(cache_shape, cfg.dtype), jnp.zeros(cache_shape, cfg.dtype))
               for _ in range(cfg.num_decoder_layers)]

@@ -59,7 +59,8 @@ class RMSNorm(nnx.Module):
         self.eps, self.dtype = eps, dtype
         self.scale = nnx.Param(jnp.ones((features,), param_dtype), axes=("embed",))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: Context | None = None) -> jax.Array:
+        del ctx  # PEFT wrappers (layer-norm tuning) read it
         x32 = x.astype(jnp.float32)
         variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(variance + self.eps)
@@ -75,6 +76,31 @@ class Hook(nnx.Module):
     def __call__(self, h: jax.Array, ctx: Context | None = None) -> jax.Array:
         del ctx
         return h
+
+
+class EmbeddingHook(nnx.Module):
+    """Insertion point on the encoder's input embeddings (prompt tuning prepends vectors here).
+
+    Maps `(x_bsd, key_mask_bs, segment_ids_bs | None, ctx)` to the same triple, possibly longer.
+    """
+
+    def __call__(self, x_bsd: jax.Array, key_mask_bs: jax.Array, segment_ids: jax.Array | None,
+                 ctx: Context | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        del ctx
+        return x_bsd, key_mask_bs, segment_ids
+
+
+class KeyValueHook(nnx.Module):
+    """Insertion point on an attention's keys and values (prefix tuning appends prefixes here).
+
+    Maps `(k_bshk, v_bshk, bias, ctx)` to the same triple; `bias` is the additive score bias
+    broadcastable to `[batch, heads, queries, keys]`, and `ctx` is the queries' context.
+    """
+
+    def __call__(self, k_bshk: jax.Array, v_bshk: jax.Array, bias: jax.Array,
+                 ctx: Context | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        del ctx
+        return k_bshk, v_bshk, bias
 
 
 def activation_fn(name: str):

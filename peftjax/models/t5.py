@@ -8,7 +8,11 @@ Named PEFT insertion points, as dotted module paths (see `peftjax.peft.inject`):
                                                     decoder.layers.{i}.{post_attention,
                                                       post_cross_attention,post_ffn}
 
-Projections are `Dense` modules and residual hooks are `Hook` modules; PEFT methods replace them.
+    encoder.prompt (input embeddings)               {encoder,decoder}.layers.{i}.*_attention.prefix
+    *.{attention_norm,mlp_norm,...}, *.final_norm   (keys/values)
+
+Projections are `Dense` modules, residual hooks `Hook`, the prompt point an `EmbeddingHook` and
+the prefix points `KeyValueHook`s; PEFT methods replace or wrap them.
 Inputs use seqio feature names; token 0 is padding and the decoder start token.
 """
 
@@ -21,7 +25,7 @@ from flax import nnx
 from peftjax.models.attention import Attention, RelativePositionBias, mask_to_bias
 from peftjax.models.config import T5Config
 from peftjax.models.context import Context, dropout, site_salt
-from peftjax.models.layers import Dense, Embed, Hook, RMSNorm, activation_fn
+from peftjax.models.layers import Dense, Embed, EmbeddingHook, Hook, RMSNorm, activation_fn
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values: [batch, max_length, heads, d_kv]
 
@@ -76,10 +80,10 @@ class EncoderLayer(_Layer):
         self.salts = (site_salt(name + ".res_attn"), site_salt(name + ".res_ffn"))
 
     def __call__(self, x_btd: jax.Array, bias: jax.Array, ctx: Context) -> jax.Array:
-        h = self.attention_norm(x_btd)
+        h = self.attention_norm(x_btd, ctx)
         x_btd = self._residual(x_btd, self.self_attention(h, h, bias, ctx), self.post_attention,
                                ctx, self.salts[0])
-        y = self.mlp(self.mlp_norm(x_btd), ctx)
+        y = self.mlp(self.mlp_norm(x_btd, ctx), ctx)
         return self._residual(x_btd, y, self.post_ffn, ctx, self.salts[1])
 
 
@@ -102,7 +106,7 @@ class DecoderLayer(_Layer):
                  cross_bias: jax.Array, ctx: Context, cache: KVCache | None = None,
                  index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """One layer; with `cache`, writes this step's keys/values at `index` and attends to all."""
-        h = self.attention_norm(x_btd)
+        h = self.attention_norm(x_btd, ctx)
         k, v = self.self_attention.key_values(h, ctx)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 1)
@@ -110,10 +114,10 @@ class DecoderLayer(_Layer):
             cache = (k, v)
         y = self.self_attention.attend(h, k, v, self_bias, ctx)
         x_btd = self._residual(x_btd, y, self.post_attention, ctx, self.salts[0])
-        y = self.cross_attention.attend(self.cross_attention_norm(x_btd), *cross_kv, cross_bias,
-                                        ctx)
+        y = self.cross_attention.attend(self.cross_attention_norm(x_btd, ctx), *cross_kv,
+                                        cross_bias, ctx)
         x_btd = self._residual(x_btd, y, self.post_cross_attention, ctx, self.salts[1])
-        y = self.mlp(self.mlp_norm(x_btd), ctx)
+        y = self.mlp(self.mlp_norm(x_btd, ctx), ctx)
         return self._residual(x_btd, y, self.post_ffn, ctx, self.salts[2]), cache
 
 
@@ -124,6 +128,7 @@ def _segment_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
 
 class Encoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.prompt = EmbeddingHook()
         self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs)
                                 for i in range(cfg.num_encoder_layers)])
@@ -132,7 +137,12 @@ class Encoder(nnx.Module):
         self.salts = (site_salt("encoder.embed"), site_salt("encoder.final"))
 
     def __call__(self, x_bsd: jax.Array, key_mask_bs: jax.Array, ctx: Context,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Embedded inputs → (encoded `[batch, source', embed]`, key mask `[batch, source']`).
+
+        `source'` is longer than `source` when the `prompt` hook prepends vectors.
+        """
+        x_bsd, key_mask_bs, segment_ids = self.prompt(x_bsd, key_mask_bs, segment_ids, ctx)
         length = x_bsd.shape[1]
         mask = key_mask_bs[:, None, None, :]
         if segment_ids is not None:
@@ -141,7 +151,8 @@ class Encoder(nnx.Module):
         x_bsd = dropout(x_bsd, self.dropout_rate, ctx, self.salts[0])
         for layer in self.layers:
             x_bsd = layer(x_bsd, bias, ctx)
-        return dropout(self.final_norm(x_bsd), self.dropout_rate, ctx, self.salts[1])
+        return (dropout(self.final_norm(x_bsd, ctx), self.dropout_rate, ctx, self.salts[1]),
+                key_mask_bs)
 
 
 class Decoder(nnx.Module):
@@ -167,7 +178,7 @@ class Decoder(nnx.Module):
         y_btd = dropout(y_btd, self.dropout_rate, ctx, self.salts[0])
         for layer, kv in zip(self.layers, cross_kv, strict=True):
             y_btd, _ = layer(y_btd, kv, self_bias, cross_bias, ctx)
-        return dropout(self.final_norm(y_btd), self.dropout_rate, ctx, self.salts[1])
+        return dropout(self.final_norm(y_btd, ctx), self.dropout_rate, ctx, self.salts[1])
 
     def step(self, y_b1d: jax.Array, index: jax.Array, caches: list[KVCache],
              cross_kv: list[KVCache], cross_bias: jax.Array,
@@ -180,7 +191,7 @@ class Decoder(nnx.Module):
         for layer, kv, cache in zip(self.layers, cross_kv, caches, strict=True):
             y_b1d, cache = layer(y_b1d, kv, self_bias, cross_bias, ctx, cache=cache, index=index)
             new_caches.append(cache)
-        return self.final_norm(y_b1d), new_caches
+        return self.final_norm(y_b1d, ctx), new_caches
 
 
 class T5(nnx.Module):
@@ -198,8 +209,12 @@ class T5(nnx.Module):
             param_dtype=pdtype)
 
     def encode(self, encoder_input_tokens: jax.Array, ctx: Context,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-        """`[batch, source]` tokens → `[batch, source, embed]`."""
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """`[batch, source]` tokens → (`[batch, source', embed]` states, `[batch, source']` mask).
+
+        `source' = source` unless a prompt is prepended (`encoder.prompt`); the mask is what the
+        decoder's cross-attention may attend to.
+        """
         return self.encoder(self.shared(encoder_input_tokens), encoder_input_tokens > 0, ctx,
                             segment_ids)
 
@@ -229,8 +244,8 @@ class T5(nnx.Module):
         """
         enc_ctx, dec_ctx = task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
                                          dropout_key)
-        encoded = self.encode(encoder_input_tokens, enc_ctx, encoder_segment_ids)
-        cross_mask = (encoder_input_tokens > 0)[:, None, None, :]
+        encoded, key_mask = self.encode(encoder_input_tokens, enc_ctx, encoder_segment_ids)
+        cross_mask = key_mask[:, None, None, :]
         if encoder_segment_ids is not None and decoder_segment_ids is not None:
             cross_mask = cross_mask & _segment_mask(decoder_segment_ids, encoder_segment_ids)
         cross_kv = self.decoder.cross_key_values(encoded, enc_ctx)

@@ -1,10 +1,12 @@
-"""Parameter-efficient fine-tuning modules and how they attach to a base model."""
+"""Parameter-efficient fine-tuning modules and how they attach to a base model.
 
-from peftjax.peft.bottleneck import BottleneckAdapter
-from peftjax.peft.inject import DEFAULT_TARGETS, METHODS, PeftConfig, apply_peft, module_paths
-from peftjax.peft.lora import LoRADense
-from peftjax.peft.variables import TRAINABLE, Adapter, PeftParam, trainable_filter
+Methods are listed in `registry.METHODS`, each in its own module; `apply_peft` attaches one.
+"""
 
-__all__ = ["DEFAULT_TARGETS", "METHODS", "TRAINABLE", "Adapter", "BottleneckAdapter",
-           "LoRADense", "PeftConfig", "PeftParam", "apply_peft", "module_paths",
-           "trainable_filter"]
+from peftjax.peft.config import PeftConfig
+from peftjax.peft.inject import apply_peft, module_paths
+from peftjax.peft.registry import METHODS, MethodSpec, Site, method_spec
+from peftjax.peft.variables import TRAINABLE, Adapter, FrozenAdapter, PeftParam, trainable_filter
+
+__all__ = ["METHODS", "TRAINABLE", "Adapter", "FrozenAdapter", "MethodSpec", "PeftConfig",
+           "PeftParam", "Site", "apply_peft", "method_spec", "module_paths", "trainable_filter"]

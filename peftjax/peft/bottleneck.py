@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models.context import Context
-from peftjax.models.layers import activation_fn
+from peftjax.models.layers import Hook, activation_fn
+from peftjax.peft.config import PeftConfig
+from peftjax.peft.registry import MethodSpec, Site
 from peftjax.peft.task_select import project_in, project_out
 from peftjax.peft.variables import Adapter
 
@@ -35,3 +37,19 @@ class BottleneckAdapter(nnx.Module):
     def __call__(self, h_btd: jax.Array, ctx: Context) -> jax.Array:
         code = self.act(project_in(h_btd, self.down.value, ctx.task_ids))
         return h_btd + self.scale * project_out(code, self.up.value, ctx.task_ids)
+
+
+def _build(hook: Hook, site: Site, config: PeftConfig) -> BottleneckAdapter:
+    d_model = site.model_config.d_model
+    return BottleneckAdapter(d_model, d_model // config.reduction_factor,
+                             activation=config.adapter_activation, scale=config.adapter_scale,
+                             num_tasks=site.num_tasks, rngs=site.rngs)
+
+
+_WHERE = "residual hooks: post_attention, post_cross_attention, post_ffn"
+SPECS = {
+    # Houlsby et al.: after attention and after the FFN, before each residual add.
+    "houlsby": MethodSpec((Hook,), r".*\.(post_attention|post_ffn)", _build, _WHERE),
+    # Pfeiffer et al.: after the FFN only.
+    "pfeiffer": MethodSpec((Hook,), r".*\.post_ffn", _build, _WHERE),
+}

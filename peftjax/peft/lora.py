@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models.context import Context, dropout
+from peftjax.models.context import Context, dropout, site_salt
 from peftjax.models.layers import Dense
+from peftjax.peft.config import PeftConfig
+from peftjax.peft.registry import MethodSpec, Site
 from peftjax.peft.task_select import project_in, project_out
 from peftjax.peft.variables import Adapter
 
@@ -45,3 +47,14 @@ class LoRADense(nnx.Module):
         x_btd = dropout(x_btd, self.dropout_rate, ctx, self.salt).astype(y.dtype)
         code = project_in(x_btd, self.lora_a.value, ctx.task_ids)
         return y + self.scale * project_out(code, self.lora_b.value, ctx.task_ids)
+
+
+def _build(base: Dense, site: Site, config: PeftConfig) -> LoRADense:
+    return LoRADense(base, rank=config.rank, alpha=config.alpha, dropout_rate=config.dropout,
+                     num_tasks=site.num_tasks, rslora=config.rslora,
+                     salt=site_salt(site.path), rngs=site.rngs)
+
+
+SPECS = {"lora": MethodSpec(
+    kinds=(Dense,), targets=r".*attention\.(q|v)",  # HF peft's T5 default: q and v everywhere
+    build=_build, where="Dense projections: q, k, v, o, wi_0, wi_1, wo, lm_head")}

@@ -53,3 +53,18 @@ def project_out(h: jax.Array, w: jax.Array, task_ids: jax.Array | None) -> jax.A
     # [bt, tasks*r] x [tasks*r, o] matmul.
     onehot = jax.nn.one_hot(task_ids, w.shape[0], dtype=h.dtype)
     return jnp.einsum("btkr,kro->bto", h * onehot[..., None], w)
+
+
+def task_rows(table: jax.Array, task_ids: jax.Array | None, x: jax.Array, *,
+              per_task: bool) -> jax.Array:
+    """Per-task rows of a small table, broadcastable against activations `x` `[b, t, ...]`.
+
+    `table` is `[tasks, *row]` when `per_task` (else `[*row]`, returned as is). Returns
+    `[b, 1, *row]` for `[batch]` ids and `[b, t, *row]` for per-token ids. For vectors (scales,
+    gates, magnitudes) a plain gather is cheap, unlike for weight matrices (see above).
+    """
+    if not per_task:
+        return table
+    ids = _check_ids(task_ids, x)
+    rows = jnp.take(table, ids, axis=0)
+    return rows[:, None] if ids.ndim == 1 else rows

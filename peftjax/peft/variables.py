@@ -16,6 +16,12 @@ class Adapter(PeftParam):
     """Weights of an adapter module (LoRA factors, bottleneck projections, ...)."""
 
 
+class FrozenAdapter(nnx.Variable):
+    """Adapter state that is part of the PEFT model but not trained: a frozen LoRA A, a sparse
+    fine-tuning mask, the weights of frozen source adapters under a composition. It stays with
+    the frozen part of the split state, so it gets no gradient and no optimizer state."""
+
+
 TRAINABLE = PeftParam
 
 

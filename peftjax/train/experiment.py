@@ -15,7 +15,7 @@ from peftjax import data
 from peftjax.config import ConfigError, validate
 from peftjax.models import T5, T5Config, from_hf, preset
 from peftjax.models.hf import load_hf_config
-from peftjax.peft import PeftConfig, apply_peft, trainable_filter
+from peftjax.peft import METHODS, PeftConfig, apply_peft, method_spec, trainable_filter
 from peftjax.sharding import batch_sharding, make_mesh, state_shardings
 
 
@@ -84,6 +84,8 @@ def build_base_model(config: ConfigDict) -> T5:
 def peft_config_from(config: ConfigDict) -> PeftConfig:
     fields = {f.name: config.peft[f.name] for f in dataclasses.fields(PeftConfig)}
     fields["targets"] = fields["targets"] or None
+    for name in ("sources", "compose_weights"):  # hashable, and JSON lists come back as tuples
+        fields[name] = tuple(fields[name])
     return PeftConfig(**fields)
 
 
@@ -97,6 +99,10 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
     """Validate the config and build the run (nothing is written anywhere)."""
     validate(config)
     peft_config = peft_config_from(config)  # validates method / mode / rank first
+    if config.data.pack and peft_config.method in METHODS and METHODS[peft_config.method] \
+            and not method_spec(peft_config.method).packing:
+        raise ConfigError(f"config.peft.method={peft_config.method!r} needs one example per row; "
+                          "set config.data.pack=False.")
     task_names, task_ids = resolve_tasks(config)
     num_task_ids = max(task_ids.values()) + 1
     num_tasks = config.peft.num_tasks or num_task_ids

@@ -1,0 +1,86 @@
+"""`PeftConfig`: what to attach, where, and each method's knobs. Mirrors `config.peft`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODES = ("shared", "per_task")
+COMPOSE = ("none", "stack", "parallel", "average", "scalearn")
+SCALEARN_FORMS = ("vector", "scalar", "vector_shared", "scalar_shared")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Every field is a key of `config.peft` (see `peftjax.config.default_config` for docs).
+
+    Method-specific fields are read only by their method; `peftjax.peft.registry.METHODS` lists
+    the methods.
+    """
+
+    method: str = "lora"
+    mode: str = "shared"  # one adapter for all tasks, or one per task picked by task id
+    targets: str | None = None  # regex over dotted module paths; None = the method's default
+    # LoRA family
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    dora: bool = False  # weight-decomposed LoRA (magnitude x direction)
+    freeze_a: bool = False  # asymmetric LoRA: A stays at its random init, only B trains
+    lora_plus_ratio: float = 1.0  # LoRA+: learning rate of B = ratio x learning rate of A
+    # Bottleneck adapters (houlsby, pfeiffer, parallel, compacter, compacter_pp, phm)
+    reduction_factor: int = 16  # bottleneck width = d_model // reduction_factor
+    adapter_activation: str = "relu"
+    adapter_scale: float = 1.0  # s in h + s * U act(D h)
+    phm_dim: int = 4  # n: number of Kronecker summands (PHM / Compacter)
+    phm_rank: int = 1  # rank of the per-layer PHM factors (Compacter: 1)
+    # (IA)^3
+    ia3_feedforward: str = r".*mlp\.wo"  # targets scaled on their input (others: on output)
+    # Prompt and prefix tuning
+    num_virtual_tokens: int = 8
+    prompt_init: str = "vocab"  # vocab (sampled token embeddings) | random
+    prefix_projection: bool = False  # train prefixes through an MLP (folded away on export)
+    prefix_hidden: int = 0  # hidden width of that MLP; 0 = d_model
+    # RoAd
+    road_variant: str = "road_1"  # road_1 | road_2 | road_4 (angle/scale sharing, as HF peft)
+    road_group_size: int = 64
+    # Sparse fine-tuning
+    sparse_density: float = 0.01  # fraction of each targeted weight that may change
+    sparse_mask_from: str = ""  # workdir of a first-pass run (method=full) to pick the mask from
+    # Composition over frozen source adapters
+    compose: str = "none"  # none | stack | parallel | average | scalearn
+    sources: tuple[str, ...] = ()  # workdirs of trained runs whose adapters are composed
+    compose_weights: tuple[float, ...] = ()  # `average`: weights (default uniform)
+    scalearn_form: str = "vector"  # vector | scalar | vector_shared | scalar_shared
+
+    def __post_init__(self):
+        from peftjax.peft.registry import METHODS  # the registry imports this module
+
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown config.peft.method {self.method!r}; choose from "
+                             f"{tuple(METHODS)}.")
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown config.peft.mode {self.mode!r}; choose from {MODES}.")
+        if self.compose not in COMPOSE:
+            raise ValueError(f"Unknown config.peft.compose {self.compose!r}; choose from "
+                             f"{COMPOSE}.")
+        if self.scalearn_form not in SCALEARN_FORMS:
+            raise ValueError(f"Unknown config.peft.scalearn_form {self.scalearn_form!r}; choose "
+                             f"from {SCALEARN_FORMS}.")
+        for name in ("rank", "reduction_factor", "phm_dim", "phm_rank", "num_virtual_tokens",
+                     "road_group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config.peft.{name} must be a positive integer, got {value!r}.")
+        if not 0.0 < self.sparse_density <= 1.0:
+            raise ValueError("config.peft.sparse_density must be in (0, 1], got "
+                             f"{self.sparse_density}.")
+        if self.lora_plus_ratio <= 0:
+            raise ValueError("config.peft.lora_plus_ratio must be positive (1 = plain LoRA), got "
+                             f"{self.lora_plus_ratio}.")
+
+    @property
+    def target_regex(self) -> str:
+        from peftjax.peft.registry import method_spec
+
+        return self.targets if self.targets is not None else method_spec(self.method).targets
