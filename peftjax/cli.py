@@ -97,6 +97,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config-override mistakes reported as one clear line."""
     from peftjax.config import ConfigError, check_key
 
+    for arg, following in zip(argv[1:], [*argv[2:], ""], strict=True):
+        # Config files import shared parts (`configs.suite`) from their repo: make it importable.
+        if arg.startswith("--config="):
+            _make_task_modules_importable(arg.removeprefix("--config="))
+        elif arg == "--config" and following:
+            _make_task_modules_importable(following)
     for arg in argv[1:]:
         if arg.startswith("--config."):
             try:
