@@ -31,6 +31,10 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("tasks", None),
     ("lora_rank", None),
     ("adapter_bottleneck", None),
+    ("adapter_hidden", None),  # hidden width of reparameterisation MLPs (prefix tuning)
+    ("virtual_tokens", None),  # prompt / prefix positions
+    ("phm", None),  # Kronecker summands of PHM / Compacter layers
+    ("sources", None),  # frozen source adapters under a composition (ScaLearn, average)
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
