@@ -34,10 +34,13 @@ class BottleneckAdapter(nnx.Module):
         self.act = activation_fn(activation)
         self.scale = scale
 
-    def __call__(self, h_btd: jax.Array, ctx: Context) -> jax.Array:
+    def delta(self, h_btd: jax.Array, ctx: Context) -> jax.Array:
+        """`s · U act(D h)` `[b, t, d]`: what the adapter adds to the residual stream."""
         code = self.act(project_in(h_btd, self.down.value, ctx.task_ids))
-        return h_btd + self.scale * project_out(code, self.up.value, ctx.task_ids)
+        return self.scale * project_out(code, self.up.value, ctx.task_ids)
 
+    def __call__(self, h_btd: jax.Array, ctx: Context) -> jax.Array:
+        return h_btd + self.delta(h_btd, ctx)
 
 def _build(hook: Hook, site: Site, config: PeftConfig) -> BottleneckAdapter:
     d_model = site.model_config.d_model

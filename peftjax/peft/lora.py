@@ -42,12 +42,14 @@ class LoRADense(nnx.Module):
         self.scale = alpha / (math.sqrt(rank) if rslora else rank)
         self.dropout_rate, self.salt = dropout_rate, salt
 
-    def __call__(self, x_btd: jax.Array, ctx: Context) -> jax.Array:
-        y = self.base(x_btd, ctx)
-        x_btd = dropout(x_btd, self.dropout_rate, ctx, self.salt).astype(y.dtype)
+    def delta(self, x_btd: jax.Array, ctx: Context) -> jax.Array:
+        """The low-rank update alone, `s · B A dropout(x)` `[b, t, out]` (compositions add it)."""
+        x_btd = dropout(x_btd, self.dropout_rate, ctx, self.salt).astype(self.base.dtype)
         code = project_in(x_btd, self.lora_a.value, ctx.task_ids)
-        return y + self.scale * project_out(code, self.lora_b.value, ctx.task_ids)
+        return self.scale * project_out(code, self.lora_b.value, ctx.task_ids)
 
+    def __call__(self, x_btd: jax.Array, ctx: Context) -> jax.Array:
+        return self.base(x_btd, ctx) + self.delta(x_btd, ctx)
 
 def _build(base: Dense, site: Site, config: PeftConfig) -> LoRADense:
     return LoRADense(base, rank=config.rank, alpha=config.alpha, dropout_rate=config.dropout,
