@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         writer.write_scalars(step, scalars)
         return means
 
-    accumulated = None
+    accumulated, interval_start, interval_first = None, None, start
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train",
                     disable=not (config.train.progress and is_main), file=sys.stderr,
                     dynamic_ncols=True)
@@ -108,9 +109,16 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         accumulated = metrics if accumulated is None else jax.tree.map(jnp.add, accumulated,
                                                                        metrics)
         done = step + 1
+        if interval_start is None:  # time from the end of the first (compiling) step
+            jax.block_until_ready(state.step)
+            interval_start, interval_first = time.perf_counter(), done
         if done % config.train.log_every == 0 or done == total_steps:
             summary = summarize(jax.device_get(accumulated), exp.names_by_id())
             summary["grad_norm"] = float(metrics["grad_norm"])
+            if done > interval_first:  # device_get above waited for these steps to finish
+                summary["perf/step_seconds"] = ((time.perf_counter() - interval_start)
+                                                / (done - interval_first))
+            interval_start, interval_first = time.perf_counter(), done
             writer.write_scalars(done, summary)
             progress.set_postfix(loss=f"{summary['loss']:.3f}",
                                  acc=f"{summary['token_accuracy']:.3f}")
