@@ -2,6 +2,8 @@
 
     peftjax train --config configs/quickstart.py --workdir runs/qs [--config.key=value ...]
     peftjax eval  --config configs/quickstart.py --workdir runs/qs
+    peftjax params --config configs/quickstart.py --config.model.size=xxl  # counts only
+    peftjax export-peft --workdir runs/qs --out runs/qs/hf_peft  # HF peft adapter dirs
 
 `--config` takes an ml-collections config file (optionally `file.py:arg`); any key can be
 overridden with `--config.section.key=value`.
@@ -9,6 +11,7 @@ overridden with `--config.section.key=value`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -19,13 +22,16 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 COMMANDS = {"train": "train adapters (resumes from the workdir's latest checkpoint)",
-            "eval": "evaluate the trained adapters and the frozen base on every task"}
-USAGE = ("usage: peftjax {train,eval} --config CONFIG.py[:ARG] --workdir DIR "
-         "[--config.key=value ...]\n" + "\n".join(f"  {c:6s} {h}" for c, h in COMMANDS.items()))
+            "eval": "evaluate the trained adapters and the frozen base on every task",
+            "params": "print parameter counts as one JSON line (shapes only; no --workdir)",
+            "export-peft": "write the trained adapters as HF peft directories (--out DIR)"}
+USAGE = ("usage: peftjax {" + ",".join(COMMANDS) + "} --config CONFIG.py[:ARG] --workdir DIR "
+         "[--config.key=value ...]\n" + "\n".join(f"  {c:11s} {h}" for c, h in COMMANDS.items()))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.")
+_OUT = flags.DEFINE_string("out", None, "export-peft: where to write the HF peft adapter(s).")
 
 
 class UserError(Exception):
@@ -40,14 +46,23 @@ def _run(command: str) -> None:
     from peftjax.train import evaluate_run, train
     from peftjax.train.evaluate import format_table
 
-    if _WORKDIR.value is None:
+    if _WORKDIR.value is None and command != "params":
         raise UserError("--workdir is required.")
-    if _CONFIG.value is None:
+    if _CONFIG.value is None and command != "export-peft":  # export-peft: DIR/config.json
         raise UserError("--config is required, e.g. --config configs/quickstart.py")
-    _make_task_modules_importable(flags.FLAGS["config"].config_filename)
+    if _CONFIG.value is not None:
+        _make_task_modules_importable(flags.FLAGS["config"].config_filename)
     try:
-        if command == "train":
+        if command == "params":
+            from peftjax.train.accounting import count_parameters
+
+            print(json.dumps(count_parameters(_CONFIG.value)))
+        elif command == "train":
             train(_CONFIG.value, _WORKDIR.value)
+        elif command == "export-peft":
+            from peftjax.interop.export import export_run
+
+            print("\n".join(export_run(_CONFIG.value, _WORKDIR.value, _OUT.value)))
         else:
             results = evaluate_run(_CONFIG.value, _WORKDIR.value)
             print(format_table(results))

@@ -7,6 +7,7 @@ run's fingerprint, so a workdir is never resumed with a different model or PEFT 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -41,6 +42,7 @@ class Checkpoints:
     def check_fingerprint(self, fingerprint: dict[str, Any], step: int | None = None) -> None:
         """Raise CheckpointMismatchError naming what differs from the stored run."""
         stored = self.read_meta(step).get("fingerprint", {})
+        fingerprint = json.loads(json.dumps(fingerprint))  # as stored: tuples come back as lists
         diffs = [k for k in sorted(set(stored) | set(fingerprint))
                  if stored.get(k) != fingerprint.get(k)]
         if diffs:

@@ -30,7 +30,13 @@ class CheckpointError(ValueError):
 
 
 def load_hf_config(path: str, **overrides) -> T5Config:
-    """Read `path/config.json` as a T5Config; refuses other architectures with a clear error."""
+    """Read `path/config.json` as a T5Config; refuses other architectures with a clear error.
+
+    The head is untied exactly when the checkpoint holds `lm_head.weight` (read from the
+    safetensors header or shard index, never the tensor data), whatever config.json says:
+    transformers >= 5 writes `tie_word_embeddings: true` for every T5, v1.1 included. A directory
+    with config.json alone goes by the JSON.
+    """
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{path!r} has no config.json; pass a Hugging Face model directory "
@@ -46,6 +52,7 @@ def load_hf_config(path: str, **overrides) -> T5Config:
             "peftjax.models.from_hf loads T5 / T5 v1.1 / Flan-T5 / mT5 encoder-decoders "
             "(model_type 't5'). Point config.model.hf_path at a T5 checkpoint.")
     tied = hf.get("tie_word_embeddings", True)
+    names = _tensor_names(path)
     fields = dict(
         vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
         num_heads=hf["num_heads"], num_encoder_layers=hf["num_layers"],
@@ -55,7 +62,7 @@ def load_hf_config(path: str, **overrides) -> T5Config:
         dropout_rate=hf.get("dropout_rate", 0.1),
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
         feed_forward_proj=hf.get("feed_forward_proj", "relu"),
-        tie_word_embeddings=tied,
+        tie_word_embeddings=tied if names is None else "lm_head.weight" not in names,
         # transformers >= 5 writes this explicitly; older configs imply it by tying.
         scale_decoder_outputs=hf.get("scale_decoder_outputs", tied),
     )
@@ -105,6 +112,19 @@ def _safetensor_files(path: str) -> list[str]:
                           "safe_serialization=True).")
 
 
+def _tensor_names(path: str) -> set[str] | None:
+    """Names of the checkpoint's tensors from its index or header alone; None without weights."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    if os.path.isfile(single):
+        with safe_open(single, framework="np") as f:
+            return set(f.keys())
+    return None
+
+
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
     tensors = {}
     for file in _safetensor_files(path):
@@ -124,7 +144,6 @@ def from_hf(path: str, **config_overrides) -> T5:
     """
     cfg = load_hf_config(path, **config_overrides)
     tensors = _read_tensors(path)
-    cfg = cfg.replace(tie_word_embeddings="lm_head.weight" not in tensors)
     abstract = nnx.eval_shape(lambda: T5(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))

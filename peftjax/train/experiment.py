@@ -16,6 +16,8 @@ from peftjax.config import ConfigError, validate
 from peftjax.models import T5, T5Config, from_hf, preset
 from peftjax.models.hf import load_hf_config
 from peftjax.peft import METHODS, PeftConfig, apply_peft, method_spec, trainable_filter
+from peftjax.peft.compose import compose_sources
+from peftjax.peft.runs import base_identity
 from peftjax.sharding import batch_sharding, make_mesh, state_shardings
 
 
@@ -55,10 +57,13 @@ class Experiment:
             "trainable_shapes": shapes,
         }
 
-    def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(x.size for x in jax.tree.leaves(self.trainable))
-        frozen = sum(x.size for x in jax.tree.leaves(self.frozen))
-        return {"total": trainable + frozen, "trainable": trainable}
+    def parameter_counts(self) -> dict[str, Any]:
+        """total, trainable, per task, by site, ...: see `peftjax.train.accounting.summarize`
+        (the same numbers `peftjax params` computes from shapes alone)."""
+        from peftjax.train.accounting import summarize  # it imports this module
+
+        return summarize(self.trainable, self.frozen, peft_config=self.peft_config,
+                         num_tasks=len(self.task_names), adapted_paths=self.adapted_paths)
 
     def names_by_id(self) -> dict[int, str]:
         return {i: n for n, i in self.task_ids.items()}
@@ -95,8 +100,21 @@ def resolve_tasks(config: ConfigDict) -> tuple[list[str], dict[str, int]]:
     return names, {name: data.task_id_of(name) for name in names}
 
 
-def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
-    """Validate the config and build the run (nothing is written anywhere)."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a config resolves to before anything is allocated (shared by `build` and the
+    shape-only parameter accounting of `peftjax.train.accounting`)."""
+
+    peft_config: PeftConfig
+    model_config: T5Config
+    task_names: list[str]
+    task_ids: dict[str, int]
+    num_task_ids: int
+    num_tasks: int  # rows of the per-task tables (used in mode="per_task")
+
+
+def plan(config: ConfigDict) -> Plan:
+    """Validate the config and resolve method, tasks and model shape; reads no weights."""
     validate(config)
     peft_config = peft_config_from(config)  # validates method / mode / rank first
     if config.data.pack and peft_config.method in METHODS and METHODS[peft_config.method] \
@@ -116,6 +134,13 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
         raise ConfigError(f"The model's vocabulary ({model_config.vocab_size}) is smaller than "
                           f"the data's ({vocab_size}); set config.model.vocab_size >= "
                           f"{vocab_size}.")
+    return Plan(peft_config, model_config, task_names, task_ids, num_task_ids, num_tasks)
+
+
+def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
+    """Validate the config and build the run (nothing is written anywhere)."""
+    resolved = plan(config)
+    peft_config, num_tasks = resolved.peft_config, resolved.num_tasks
     mesh = make_mesh(config.mesh.shape)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
     for key in ("batch_size", "eval_batch_size"):
@@ -128,9 +153,12 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
     if with_peft:
         adapted = apply_peft(model, peft_config, num_tasks=num_tasks,
                              rngs=nnx.Rngs(config.seed + 1))
+        # Frozen adapters of trained runs (config.peft.sources) combined with the new one.
+        adapted = compose_sources(model, peft_config, adapted, base=base_identity(config),
+                                  num_tasks=num_tasks, rngs=nnx.Rngs(config.seed + 2))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(peft_config.method), ...)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     trainable = jax.device_put(trainable, state_shardings(trainable, rules, mesh))
     frozen = jax.device_put(frozen, state_shardings(frozen, rules, mesh))
-    return Experiment(config, model.config, peft_config, task_names, task_ids, num_task_ids, mesh,
-                      graphdef, trainable, frozen, adapted)
+    return Experiment(config, model.config, peft_config, resolved.task_names, resolved.task_ids,
+                      resolved.num_task_ids, mesh, graphdef, trainable, frozen, adapted)

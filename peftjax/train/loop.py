@@ -37,7 +37,8 @@ def put_batch(batch: dict[str, np.ndarray], exp: Experiment) -> dict[str, jax.Ar
 def _fresh_state(exp: Experiment, config: ConfigDict) -> tuple[optax.GradientTransformation,
                                                                 TrainState]:
     """The optimizer and step-0 state, every leaf on the mesh (also the template to restore)."""
-    optimizer = make_optimizer(config.optim, int(config.train.steps))
+    optimizer = make_optimizer(config.optim, int(config.train.steps),
+                               lora_plus_ratio=config.peft.lora_plus_ratio)
     return optimizer, replicate_unplaced(init_train_state(exp.trainable, optimizer), exp.mesh)
 
 
