@@ -125,10 +125,11 @@ def markdown(results: list[dict], command: str) -> str:
     for r in results:
         adapted, counts = r["metrics"]["adapted"], r["counts"]
         em = mean(adapted, "exact_match")
-        percent = 100 * counts["trainable"] / counts["total"]
+        trained = counts.get("trainable_effective", counts["trainable"])  # sparse: mask entries
+        percent = 100 * trained / counts["total"]
         acc = mean(adapted, "token_accuracy")
         lines.append(
-            f"| {r['name']} | {counts['trainable']:,} | {percent:.3f} | {em:.3f} | {acc:.3f} | "
+            f"| {r['name']} | {trained:,} | {percent:.3f} | {em:.3f} | {acc:.3f} | "
             f"{em - base_em:+.3f} | {em - full_em:+.3f} | {1000 * r['step_s']:.0f} ms | "
             f"{r['peak_rss_mib']:.0f} MiB |")
     tasks = sorted(base)
@@ -174,7 +175,7 @@ def main() -> None:
         print(f"{name}: training {args.steps} steps ...", file=sys.stderr, flush=True)
         results.append(run_entry(name, spec, extra, args.steps, args.runs))
         r = results[-1]
-        print(json.dumps({"name": name, "trainable": r["counts"]["trainable"],
+        print(json.dumps({"name": name, "trainable": r["counts"]["trainable_effective"],
                           "em": round(mean(r["metrics"]["adapted"], "exact_match"), 4),
                           "step_ms": round(1000 * r["step_s"], 1),
                           "peak_rss_mib": round(r["peak_rss_mib"])}), flush=True)

@@ -1,4 +1,5 @@
-"""Bottleneck adapters on the residual stream: `h ↦ h + s · U act(D h)` (Houlsby, Pfeiffer)."""
+"""Bottleneck adapters: `h ↦ h + s · U act(D h)` on the residual stream (Houlsby, Pfeiffer), or
+beside the feed-forward block, `x ↦ mlp(x) + s · U act(D x)` (parallel adapter)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from flax import nnx
 
 from peftjax.models.context import Context
 from peftjax.models.layers import Hook, activation_fn
+from peftjax.models.t5 import MLP
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.registry import MethodSpec, Site
 from peftjax.peft.task_select import project_in, project_out
@@ -42,11 +44,42 @@ class BottleneckAdapter(nnx.Module):
     def __call__(self, h_btd: jax.Array, ctx: Context) -> jax.Array:
         return h_btd + self.delta(h_btd, ctx)
 
-def _build(hook: Hook, site: Site, config: PeftConfig) -> BottleneckAdapter:
+
+class ParallelAdapter(nnx.Module):
+    """Wraps a frozen `MLP` with a bottleneck beside it: `mlp(x) + s · U act(D x)`.
+
+    He et al. 2022 ("Towards a unified view of PETL"), AdapterHub's `par_bn`: the adapter reads
+    the FFN's input `x` (after its layer norm) rather than the FFN's output. (AdapterHub's T5
+    integration feeds it the residual stream before the layer norm instead.) The bottleneck is a
+    `BottleneckAdapter` (`adapter.down`, `adapter.up`; `up` zero-initialised, so the wrapped FFN
+    starts unchanged).
+    """
+
+    def __init__(self, base: MLP, adapter: BottleneckAdapter):
+        self.base = base
+        self.adapter = adapter
+
+    def delta(self, x_btd: jax.Array, ctx: Context) -> jax.Array:
+        """`s · U act(D x)` `[b, t, d]`: what the adapter adds to the FFN's output."""
+        return self.adapter.delta(x_btd, ctx)
+
+    def __call__(self, x_btd: jax.Array, ctx: Context) -> jax.Array:
+        return self.base(x_btd, ctx) + self.delta(x_btd, ctx)
+
+
+def _bottleneck(site: Site, config: PeftConfig) -> BottleneckAdapter:
     d_model = site.model_config.d_model
     return BottleneckAdapter(d_model, d_model // config.reduction_factor,
                              activation=config.adapter_activation, scale=config.adapter_scale,
                              num_tasks=site.num_tasks, rngs=site.rngs)
+
+
+def _build(hook: Hook, site: Site, config: PeftConfig) -> BottleneckAdapter:
+    return _bottleneck(site, config)
+
+
+def _build_parallel(mlp: MLP, site: Site, config: PeftConfig) -> ParallelAdapter:
+    return ParallelAdapter(mlp, _bottleneck(site, config))
 
 
 _WHERE = "residual hooks: post_attention, post_cross_attention, post_ffn"
@@ -55,4 +88,7 @@ SPECS = {
     "houlsby": MethodSpec((Hook,), r".*\.(post_attention|post_ffn)", _build, _WHERE),
     # Pfeiffer et al.: after the FFN only.
     "pfeiffer": MethodSpec((Hook,), r".*\.post_ffn", _build, _WHERE),
+    # He et al. 2022: beside every FFN (scale: config.peft.adapter_scale; AdapterHub uses 4).
+    "parallel": MethodSpec((MLP,), r".*\.mlp", _build_parallel,
+                           "feed-forward blocks: encoder/decoder.layers.{i}.mlp"),
 }

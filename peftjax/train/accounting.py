@@ -19,6 +19,7 @@ import types
 from collections import Counter
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
@@ -27,6 +28,7 @@ from peftjax.models import T5
 from peftjax.peft import FrozenAdapter, PeftConfig, PeftParam, apply_peft, trainable_filter
 from peftjax.peft.compose import compose_sources
 from peftjax.peft.runs import base_identity
+from peftjax.peft.sparse import kept_count
 from peftjax.train.experiment import Plan, plan
 
 
@@ -90,7 +92,9 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
       task_table_size: rows of the per-task tables (task ids, may exceed num_tasks), or None;
       trainable_bytes: size of the trainable state (what an adapter checkpoint stores);
       trainable_by_site: trainable entries per module path, layer indices folded to `*`;
-      trainable_by_variable: trainable entries per variable name (lora_a, lora_b, ...).
+      trainable_by_variable: trainable entries per variable name (lora_a, lora_b, ...);
+      trainable_effective: entries that training can change: `trainable`, except that a sparse
+        update (`phi`, stored dense) counts only the entries its mask lets move.
     """
     by_site: Counter[str] = Counter()
     by_variable: Counter[str] = Counter()
@@ -107,9 +111,11 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
             per_task_rows += size // value.shape[0]
         else:
             shared += size
-    base = frozen_adapter = other = 0
-    for _, variable in nnx.to_flat_state(frozen):
+    base = frozen_adapter = other = masked = 0
+    for path, variable in nnx.to_flat_state(frozen):
         size = _size(variable.get_value().shape)
+        if path[-1] == "mask" and isinstance(variable, FrozenAdapter):
+            masked += _mask_count(variable.get_value(), peft_config.sparse_density)
         if isinstance(variable, nnx.Param) and not isinstance(variable, PeftParam):
             base += size
         elif isinstance(variable, FrozenAdapter):
@@ -137,7 +143,17 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
         "trainable_bytes": trainable_bytes,
         "trainable_by_site": dict(sorted(by_site.items())),
         "trainable_by_variable": dict(sorted(by_variable.items())),
+        "trainable_effective": trainable_total - by_variable.get("phi", 0) + masked,
     }
+
+
+def _mask_count(mask, density: float) -> int:
+    """Entries a sparse mask `[(T,) in, out]` lets train: counted when concrete, else from shapes
+    by `choose_mask`'s rule (`kept_count` per weight matrix)."""
+    if isinstance(mask, np.ndarray | jax.Array):
+        return int(np.asarray(mask).sum())
+    *lead, d_in, d_out = mask.shape
+    return _size(lead) * kept_count(d_in * d_out, density)
 
 
 def _host_counted(rngs: nnx.Rngs) -> nnx.Rngs:

@@ -70,9 +70,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         _write_config(config, workdir, resumed_at=None if existing is None else
                       existing.latest_step())
     counts = exp.parameter_counts()
-    print(f"Parameters: total {counts['total']:,} | trainable {counts['trainable']:,} "
-          f"({100 * counts['trainable'] / counts['total']:.3f}%) | {exp.peft_config.method} "
-          f"({exp.peft_config.mode}) on {len(exp.adapted_paths)} modules", flush=True)
+    print(_parameter_line(counts, exp), flush=True)
 
     total_steps = int(config.train.steps)
     optimizer, state = _fresh_state(exp, config)
@@ -135,6 +133,17 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     print("Final eval (mean over tasks): " + json.dumps({k: round(v, 4) for k, v in means.items()}),
           flush=True)
     return means
+
+
+def _parameter_line(counts: dict, exp: Experiment) -> str:
+    line = (f"Parameters: total {counts['total']:,} | trainable {counts['trainable']:,} "
+            f"({counts['trainable_percent']:.3f}%)")
+    if counts["trainable_effective"] != counts["trainable"]:
+        line += f", of which {counts['trainable_effective']:,} can change (sparse mask)"
+    if counts["per_task_trainable"] is not None:
+        line += f" | {counts['per_task_trainable']:,} per task"
+    return (line + f" | {exp.peft_config.method} ({exp.peft_config.mode}) on "
+            f"{len(exp.adapted_paths)} modules")
 
 
 def _write_config(config: ConfigDict, workdir: str, resumed_at: int | None) -> None:
