@@ -20,4 +20,7 @@ def get_config(arg: str = ""):
     config.peft.num_virtual_tokens = 16
     config.peft.prompt_init = "vocab"
     config.data.pack = False  # required: one prompt per example
+    # A few thousand parameters steer a frozen model: prompts need a larger step than adapters
+    # (HF peft's prompt-tuning examples use 3e-2 with AdamW; Lester et al. 0.3 with Adafactor).
+    config.optim.learning_rate = 3e-2
     return config
