@@ -75,8 +75,15 @@ def spawn(args: list[str]) -> tuple[str, float]:
     return out, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_entry(name: str, spec: str, extra: tuple[str, ...], steps: int, runs: str) -> dict:
+def run_entry(name: str, spec: str, extra: tuple[str, ...], steps: int, runs: str,
+              resume: bool) -> dict:
     workdir = os.path.join(runs, slug(name) if name != "full" else "full")
+    done_file = os.path.join(workdir, "bench_entry.json")
+    if resume and os.path.exists(done_file):
+        with open(done_file) as f:
+            result = json.load(f)
+        if result.get("steps") == steps:
+            return result
     overrides = [f"--config.train.steps={steps}", "--config.train.progress=False",
                  f"--config.train.checkpoint_every={steps}",
                  *(e.format(runs=runs) for e in extra)]
@@ -90,9 +97,12 @@ def run_entry(name: str, spec: str, extra: tuple[str, ...], steps: int, runs: st
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     step_s = [r["perf/step_seconds"] for r in records if "perf/step_seconds" in r]
-    return dict(name=name, config=spec, counts=counts, metrics=metrics, train_s=train_s,
-                step_s=statistics.median(step_s) if step_s else float("nan"),
-                peak_rss_mib=max(train_rss, eval_rss))
+    result = dict(name=name, config=spec, steps=steps, counts=counts, metrics=metrics,
+                  train_s=train_s, step_s=statistics.median(step_s) if step_s else float("nan"),
+                  peak_rss_mib=max(train_rss, eval_rss))
+    with open(done_file, "w") as f:
+        json.dump(result, f)
+    return result
 
 
 def mean(per_task: dict[str, dict[str, float]], metric: str) -> float:
@@ -166,6 +176,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated entry names or config stems")
     parser.add_argument("--runs", default="/tmp/peftjax_compare", help="where the runs go")
     parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse entries already finished in --runs with the same --steps")
     args = parser.parse_args()
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
     entries = [e for e in ENTRIES if not wanted or e[0] in wanted
@@ -173,7 +185,7 @@ def main() -> None:
     results = []
     for name, spec, extra in entries:
         print(f"{name}: training {args.steps} steps ...", file=sys.stderr, flush=True)
-        results.append(run_entry(name, spec, extra, args.steps, args.runs))
+        results.append(run_entry(name, spec, extra, args.steps, args.runs, args.resume))
         r = results[-1]
         print(json.dumps({"name": name, "trainable": r["counts"]["trainable_effective"],
                           "em": round(mean(r["metrics"]["adapted"], "exact_match"), 4),

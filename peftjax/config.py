@@ -105,6 +105,26 @@ def default_config() -> ConfigDict:
     return c
 
 
+def from_saved(saved: dict[str, Any]) -> ConfigDict:
+    """A run's saved config (its `config.json`) laid over today's defaults, so runs saved before
+    a key existed still load; JSON lists become the tuples configs hold (mesh rules, sources)."""
+    config = default_config()
+    _overlay(config, saved)
+    return config
+
+
+def _overlay(config: ConfigDict, saved: dict[str, Any]) -> None:
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(config.get(key), ConfigDict):
+            _overlay(config[key], value)
+        else:
+            config[key] = _tuples(value)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def validate(config: ConfigDict) -> ConfigDict:
     """Reject unknown keys (with close matches) and values of the wrong type."""
     _check(config, default_config(), "config")

@@ -2,20 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, run_peftjax
+
 TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
-def peftjax(*args, cwd=REPO):
-    """Run the CLI as users do (module form, so no install step is assumed)."""
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+peftjax = run_peftjax  # as users type it
 
 
 @pytest.fixture(scope="module")

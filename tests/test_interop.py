@@ -7,21 +7,19 @@ non-initial values, and saved with `save_pretrained`; logits are compared with p
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from peftjax.interop import PeftInteropError, load_peft, save_peft
-from tests import test_t5_hf_parity as parity
+from tests import helpers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 VOCAB = 61
 BASE = dict(d_model=16, d_kv=4, num_heads=2, d_ff=24, num_layers=2, num_decoder_layers=1,
             feed_forward_proj="gated-gelu")
@@ -30,7 +28,7 @@ TOL = 1e-4
 
 def save_hf_t5(path, *, seed=0, **fields):
     """A random untied (v1.1-style) transformers T5 directory with non-trivial norms."""
-    parity.save_hf_t5(path, tie=False, seed=seed, vocab_size=VOCAB, **fields)
+    helpers.save_hf_t5(path, tie=False, seed=seed, vocab_size=VOCAB, **fields)
     return path
 
 
@@ -202,10 +200,7 @@ def test_bad_adapter_directories_are_clear_errors(base_dir, library, tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def peftjax_cli(*args):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+peftjax_cli = helpers.run_peftjax
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +219,7 @@ def trained_run(tmp_path_factory):
 def test_export_peft_cli_writes_adapters_peft_loads(trained_run, tmp_path):
     from flax import nnx
 
-    from peftjax.interop.export import run_config
+    from peftjax.peft.runs import read_config as run_config
     from peftjax.train import restore_trained
 
     out = tmp_path / "out"
@@ -253,7 +248,7 @@ def test_export_peft_errors(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (error,) = [line for line in result.stderr.splitlines()
                 if line.startswith("peftjax export-peft: error: ")]
-    assert "config.json' does not exist; pass the run's --config" in error
+    assert "holds no trained run (no config.json there)" in error
     with pytest.raises(PeftInteropError, match="--out is required"):
         export_run(default_config(), str(tmp_path), None)
     config = default_config()

@@ -4,8 +4,6 @@ peft (models built on torch's meta device, so nothing is allocated on either sid
 import importlib
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -20,8 +18,8 @@ from peftjax.models import T5, preset
 from peftjax.models.hf import to_hf
 from peftjax.train import build
 from peftjax.train.accounting import count_parameters
+from tests.helpers import REPO, run_peftjax
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = os.path.join(REPO, "configs", "lora.py")
 QV = r".*attention\.(q|v)"
 # T5 v1.1 (google/t5-v1_1-*) published shapes: d_model, d_ff, heads, layers per stack; d_kv 64,
@@ -66,9 +64,7 @@ def ours(size="base", config_name="lora", **peft_overrides) -> dict:
 
 
 def run_cli(*args, cwd=REPO):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "peftjax.cli", "params", *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return run_peftjax("params", *args, cwd=cwd, timeout=300)
 
 
 def test_cli_lora_matches_peft_on_t5_v11_base_and_writes_nothing(tmp_path):

@@ -14,6 +14,7 @@ from peftjax.models.attention import MASK_VALUE, Attention
 from peftjax.peft import PeftConfig, apply_peft
 from peftjax.peft.prefix import PrefixProjection, PrefixTuning, fold_prefix_projection
 from peftjax.peft.prompt import PromptTuning
+from tests.helpers import save_hf_t5
 
 RNG = np.random.default_rng(0)
 # d_model 64, 4 heads of 16, vocab 259; one layer per stack keeps the file fast.
@@ -58,7 +59,6 @@ def adapted(method, mode="shared", **kwargs):
 def test_prompt_tuning_matches_hf_peft(tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from test_t5_hf_parity import save_hf_t5
     hf_model = save_hf_t5(tmp_path, tie=False, feed_forward_proj="gated-gelu", d_model=32,
                           d_kv=8, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=2)
     model = from_hf(str(tmp_path))

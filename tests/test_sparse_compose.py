@@ -70,7 +70,7 @@ def save_run(workdir, config, *, scale=0.1, seed=0, step=5):
     state = TrainState(state.step + step, trainable, state.opt_state)
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"))
-    ckpt.save(step, state.as_dict(), train_loop._meta(exp, step))
+    ckpt.save(step, train_loop._checkpointed(state, exp), train_loop._meta(exp, step))
     ckpt.wait()
     train_loop._write_config(config, str(workdir), resumed_at=None)
     return exp, host(trainable)

@@ -1,6 +1,5 @@
 """T5 logits, buckets and decoding equal transformers' PyTorch T5 on the same weights."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 from peftjax.models import from_hf, greedy_decode, to_hf
 from peftjax.models.attention import relative_position_buckets
 from peftjax.models.hf import CheckpointError
+from tests.helpers import save_hf_t5
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,29 +24,6 @@ CONFIGS = {
                                        num_decoder_layers=1, relative_attention_num_buckets=8,
                                        relative_attention_max_distance=20),
 }
-
-
-def save_hf_t5(path, *, tie: bool, seed: int = 0, vocab_size: int = 97, **fields):
-    """A random transformers T5 saved as a v1.1-style (untied) or original-style directory."""
-    torch.manual_seed(seed)
-    config = transformers.T5Config(vocab_size=vocab_size, dropout_rate=0.0, **fields)
-    model = transformers.T5ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # random norms and biases so no parameter sits at its init value
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    if not tie:  # a real v1.1 checkpoint: separate lm_head, tie_word_embeddings false
-        from safetensors.torch import load_file, save_file
-        tensors = load_file(f"{path}/model.safetensors")
-        tensors["lm_head.weight"] = torch.randn(vocab_size, fields["d_model"])
-        save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
-        config_file = path / "config.json"
-        cfg = json.loads(config_file.read_text())
-        cfg["tie_word_embeddings"] = False
-        cfg.pop("scale_decoder_outputs", None)
-        config_file.write_text(json.dumps(cfg))
-    return transformers.T5ForConditionalGeneration.from_pretrained(path).eval()
 
 
 def random_batch(rng, vocab_size, batch=3, source=37, target=29):

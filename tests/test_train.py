@@ -113,6 +113,31 @@ def test_checkpoint_round_trip(tmp_path):
         ckpt.check_fingerprint(other)
 
 
+def test_frozen_adapter_state_is_checkpointed_and_wins_over_a_changed_source(tmp_path, capsys):
+    """Frozen adapter state (here a frozen LoRA A; also sparse masks and composed sources) is
+    rebuilt from its source on restore, which may have changed since: the checkpoint's copy is
+    what the run trained with, so it is used, and the user is told."""
+    from peftjax.peft import FrozenAdapter
+    from peftjax.train.loop import _checkpointed, _meta, _restore
+
+    exp = build(tiny_config(peft__freeze_a=True))
+    trained_with = host(exp.frozen.filter(FrozenAdapter))
+    assert jax.tree.leaves(trained_with), "freeze_a should give frozen adapter state"
+    state = init_train_state(exp.trainable, optax.adamw(1e-3))
+    ckpt = Checkpoints(str(tmp_path))
+    ckpt.save(1, _checkpointed(state, exp), _meta(exp, 1))
+    ckpt.wait()
+
+    rebuilt = build(tiny_config(peft__freeze_a=True))
+    rebuilt.frozen = nnx.merge_state(rebuilt.frozen, jax.tree.map(
+        lambda x: x + 1.0, rebuilt.frozen.filter(FrozenAdapter)))  # "the source changed"
+    _restore(ckpt, state, rebuilt)
+    for a, b in zip(jax.tree.leaves(trained_with),
+                    jax.tree.leaves(host(rebuilt.frozen.filter(FrozenAdapter))), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "differ from what" in capsys.readouterr().out
+
+
 def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
     config = tiny_config(train__steps=6, train__checkpoint_every=3, data__eval_examples=2)
     train(config, str(tmp_path / "straight"))

@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from flax import nnx
 from ml_collections import ConfigDict
 
 from peftjax.interop.hf_peft import PeftInteropError, save_peft
+from peftjax.peft.runs import read_config
 
 EXPORTABLE = ("lora", "ia3", "prompt_tuning")
 BASE_DIR = "base_model"  # where a randomly initialised base is written, beside the adapters
-
-
-def run_config(workdir: str) -> ConfigDict:
-    """The config a run started with (`workdir/config.json`), laid over today's defaults."""
-    from peftjax.config import default_config
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist; pass the run's --config (and its "
-                                "--config.* overrides), or a --workdir that `peftjax train` "
-                                "wrote.")
-    with open(path) as f:
-        saved = json.load(f)
-    config = default_config()
-    _overlay(config, saved)
-    return config
-
-
-def _overlay(config: ConfigDict, saved: dict) -> None:
-    for key, value in saved.items():
-        if isinstance(value, dict) and isinstance(config.get(key), ConfigDict):
-            _overlay(config[key], value)
-        else:  # JSON has no tuples; configs hold them (mesh rules, sources)
-            config[key] = _tuples(value)
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def export_run(config: ConfigDict | None, workdir: str, out_dir: str | None) -> list[str]:
@@ -56,7 +28,7 @@ def export_run(config: ConfigDict | None, workdir: str, out_dir: str | None) -> 
 
     if not out_dir:
         raise PeftInteropError("--out is required: the directory to write the adapter(s) to.")
-    config = run_config(workdir) if config is None else config
+    config = read_config(workdir) if config is None else config
     method, compose = config.peft.method, config.peft.compose
     if method not in EXPORTABLE or compose != "none":
         what = f"compose={compose!r}" if compose != "none" else f"method={method!r}"

@@ -103,10 +103,15 @@ class KeyValueHook(nnx.Module):
         return k_bshk, v_bshk, bias
 
 
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
 def activation_fn(name: str):
-    return {
-        "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "silu": jax.nn.silu,
-    }[name]
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; choose from {tuple(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from peftjax.models.layers import ACTIVATIONS
+
 MODES = ("shared", "per_task")
 COMPOSE = ("none", "stack", "parallel", "average", "scalearn")
 SCALEARN_FORMS = ("vector", "scalar", "vector_shared", "scalar_shared")
+PROMPT_INITS = ("vocab", "random")
+ROAD_VARIANTS = ("road_1", "road_2", "road_4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +76,17 @@ class PeftConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.peft.{name} must be a positive integer, got {value!r}.")
+        choices = {"adapter_activation": tuple(ACTIVATIONS), "prompt_init": PROMPT_INITS,
+                   "road_variant": ROAD_VARIANTS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Unknown config.peft.{name} {getattr(self, name)!r}; choose "
+                                 f"from {allowed}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"config.peft.dropout must be in [0, 1), got {self.dropout}.")
+        if self.prefix_hidden < 0:
+            raise ValueError("config.peft.prefix_hidden must be >= 0 (0 = d_model), got "
+                             f"{self.prefix_hidden}.")
         if not 0.0 < self.sparse_density <= 1.0:
             raise ValueError("config.peft.sparse_density must be in (0, 1], got "
                              f"{self.sparse_density}.")

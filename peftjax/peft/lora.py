@@ -122,8 +122,9 @@ class LoRADense(nnx.Module):
         if self.lora_magnitude is not None and not self._dropout_active(ctx):
             # No dropout: HF's `W0 x + (g - 1) W0 x + g sBAx` is `g (W0 x + sBAx)`, one base matmul.
             x_btd = x_btd.astype(self.base.dtype)
-            factor = self._dora_factor(x_btd, ctx).astype(self.base.dtype)
-            return factor * (self.base(x_btd, ctx) + self._low_rank(x_btd, ctx))
+            factor = self._dora_factor(x_btd, ctx)  # float32: in bf16, |g - 1| < 2^-8 rounds to 0
+            y = self.base(x_btd, ctx) + self._low_rank(x_btd, ctx)
+            return (factor * y.astype(factor.dtype)).astype(self.base.dtype)
         # With dropout HF keeps the base path on the clean input and applies the DoRA correction
         # to the dropped-out one: `W0 x + (g - 1) W0 x' + g sBAx'`.
         return self.base(x_btd, ctx) + self.delta(x_btd, ctx)

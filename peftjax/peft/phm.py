@@ -150,7 +150,7 @@ class PHMAdapter(nnx.Module):
                             axes=("adapter_bottleneck", "embed"), **kw)
         self.act = activation_fn(activation)
         self.scale = scale
-        self.per_task = num_tasks is not None
+        self.per_task = bool(num_tasks)
 
     def delta(self, h_btd: jax.Array, ctx: Context) -> jax.Array:
         """`s · (U act(D h + b_D) + b_U)` `[b, t, d]`: what the adapter adds to the stream."""

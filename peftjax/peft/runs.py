@@ -17,6 +17,7 @@ from flax import nnx
 from flax.nnx import graph
 from ml_collections import ConfigDict
 
+from peftjax.config import from_saved
 from peftjax.models.config import T5Config
 from peftjax.peft.variables import FrozenAdapter, PeftParam
 
@@ -41,7 +42,7 @@ def read_config(workdir: str, key: str | None = None) -> ConfigDict:
             f"{where}{workdir!r} holds no trained run (no config.json there). Train it first "
             f"with `peftjax train --config ... --workdir {workdir}`, or fix the path.")
     with open(path) as f:
-        return ConfigDict(json.load(f))
+        return from_saved(json.load(f))
 
 
 def check_fits(workdir: str, run_config: ConfigDict, model_config: T5Config, *, key: str,

@@ -47,6 +47,7 @@ def project_out(h: jax.Array, w: jax.Array, task_ids: jax.Array | None) -> jax.A
     w = w.astype(h.dtype)
     if w.ndim == 2:
         return h @ w
+    task_ids = _check_ids(task_ids, h)
     if task_ids.ndim == 1:
         return jnp.einsum("btr,bro->bto", h, w[task_ids])
     # Re-mask: an elementwise map between the brackets may have made zeros non-zero. Then one

@@ -33,6 +33,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("adapter_bottleneck", None),
     ("adapter_hidden", None),  # hidden width of reparameterisation MLPs (prefix tuning)
     ("virtual_tokens", None),  # prompt / prefix positions
+    ("kv", None),  # per-head key/value width of prefix tuning's prefixes
     ("phm", None),  # Kronecker summands of PHM / Compacter layers
     ("sources", None),  # frozen source adapters under a composition (ScaLearn, average)
 )

@@ -94,7 +94,8 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
       trainable_by_site: trainable entries per module path, layer indices folded to `*`;
       trainable_by_variable: trainable entries per variable name (lora_a, lora_b, ...);
       trainable_effective: entries that training can change: `trainable`, except that a sparse
-        update (`phi`, stored dense) counts only the entries its mask lets move.
+        update (`phi`, stored dense) counts only the entries its mask lets move;
+      buffers: boolean state (sparse masks), not counted as parameters anywhere above.
     """
     by_site: Counter[str] = Counter()
     by_variable: Counter[str] = Counter()
@@ -111,11 +112,16 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
             per_task_rows += size // value.shape[0]
         else:
             shared += size
-    base = frozen_adapter = other = masked = 0
+    phi_sites = {path[:-1] for path, _ in nnx.to_flat_state(trainable) if path[-1] == "phi"}
+    base = frozen_adapter = other = masked = buffers = 0
     for path, variable in nnx.to_flat_state(frozen):
-        size = _size(variable.get_value().shape)
-        if path[-1] == "mask" and isinstance(variable, FrozenAdapter):
-            masked += _mask_count(variable.get_value(), peft_config.sparse_density)
+        value = variable.get_value()
+        size = _size(value.shape)
+        if value.dtype == bool:  # masks are buffers, not parameters (as torch counts them)
+            buffers += size
+            if path[:-1] in phi_sites:  # the mask of a sparse update this run trains
+                masked += _mask_count(value, peft_config.sparse_density)
+            continue
         if isinstance(variable, nnx.Param) and not isinstance(variable, PeftParam):
             base += size
         elif isinstance(variable, FrozenAdapter):
@@ -144,6 +150,7 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
         "trainable_by_site": dict(sorted(by_site.items())),
         "trainable_by_variable": dict(sorted(by_variable.items())),
         "trainable_effective": trainable_total - by_variable.get("phi", 0) + masked,
+        "buffers": buffers,
     }
 
 

@@ -117,10 +117,13 @@ def plan(config: ConfigDict) -> Plan:
     """Validate the config and resolve method, tasks and model shape; reads no weights."""
     validate(config)
     peft_config = peft_config_from(config)  # validates method / mode / rank first
-    if config.data.pack and peft_config.method in METHODS and METHODS[peft_config.method] \
+    if config.data.pack and METHODS[peft_config.method] \
             and not method_spec(peft_config.method).packing:
         raise ConfigError(f"config.peft.method={peft_config.method!r} needs one example per row; "
                           "set config.data.pack=False.")
+    if peft_config.method == "sparse" and not peft_config.sparse_mask_from:
+        from peftjax.peft.sparse import FIRST_PASS_HELP
+        raise ConfigError(FIRST_PASS_HELP)
     task_names, task_ids = resolve_tasks(config)
     num_task_ids = max(task_ids.values()) + 1
     num_tasks = config.peft.num_tasks or num_task_ids

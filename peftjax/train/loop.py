@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from peftjax import data
 from peftjax.checkpoint import Checkpoints
 from peftjax.config import to_json
+from peftjax.peft import FrozenAdapter
 from peftjax.sharding import replicate_unplaced
 from peftjax.train.evaluate import evaluate, mean_over_tasks
 from peftjax.train.experiment import Experiment, build
@@ -40,6 +42,47 @@ def _fresh_state(exp: Experiment, config: ConfigDict) -> tuple[optax.GradientTra
     optimizer = make_optimizer(config.optim, int(config.train.steps),
                                lora_plus_ratio=config.peft.lora_plus_ratio)
     return optimizer, replicate_unplaced(init_train_state(exp.trainable, optimizer), exp.mesh)
+
+
+def _checkpointed(state: TrainState, exp: Experiment, *, frozen_adapters: bool = True) -> dict:
+    """What a checkpoint holds: the train state, plus the run's frozen adapter state (frozen LoRA
+    A, sparse masks, composed source adapters) when it has any. That state is rebuilt from the
+    seed, the first pass or the source runs, which may change after this run used them; saving it
+    keeps a resumed or evaluated run on exactly what it trained with. `frozen_adapters=False`
+    gives the layout of checkpoints written without it (their meta lacks "frozen_adapters")."""
+    tree = state.as_dict()
+    if frozen_adapters and _has_frozen_adapters(exp):
+        tree["frozen_adapters"] = exp.frozen.filter(FrozenAdapter)
+    return tree
+
+
+def _has_frozen_adapters(exp: Experiment) -> bool:
+    return bool(jax.tree.leaves(exp.frozen.filter(FrozenAdapter)))
+
+
+def _restore(ckpt: Checkpoints, like: TrainState, exp: Experiment) -> tuple[TrainState, dict]:
+    """The latest checkpoint into `like`'s layout; its frozen adapter state goes to `exp`."""
+    saved_frozen = bool(ckpt.read_meta().get("frozen_adapters", False))
+    restored, meta = ckpt.restore(_checkpointed(like, exp, frozen_adapters=saved_frozen))
+    _use_saved_frozen_adapters(exp, restored)
+    return TrainState.from_dict(restored), meta
+
+
+def _use_saved_frozen_adapters(exp: Experiment, restored: dict) -> None:
+    """Put the checkpoint's frozen adapter state into `exp.frozen`, saying so if it differs from
+    what the run's sources give today."""
+    saved = restored.get("frozen_adapters")
+    if saved is None:
+        return
+    rebuilt = exp.frozen.filter(FrozenAdapter)
+    changed = [jax.tree_util.keystr(path) for (path, now), then in
+               zip(jax.tree_util.tree_leaves_with_path(rebuilt), jax.tree.leaves(saved),
+                   strict=True) if not np.array_equal(np.asarray(now), np.asarray(then))]
+    if changed:
+        print(f"Note: {len(changed)} frozen adapter arrays (e.g. {changed[0]}) differ from what "
+              "config.peft.sources / sparse_mask_from / the seed give now (did a source run "
+              "change?); using the checkpoint's: this run was trained with them.", flush=True)
+    exp.frozen = nnx.merge_state(exp.frozen, saved)
 
 
 def _existing_checkpoints(workdir: str, config: ConfigDict) -> Checkpoints | None:
@@ -76,8 +119,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     optimizer, state = _fresh_state(exp, config)
     meta = _meta(exp, 0)
     if existing is not None:
-        restored, meta = ckpt.restore(state.as_dict())
-        state = TrainState.from_dict(restored)
+        state, meta = _restore(ckpt, state, exp)
         print(f"Resumed from step {int(state.step)} ({ckpt.directory}).", flush=True)
     start = int(state.step)
     batches = data.train_batches(
@@ -125,7 +167,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
             run_eval(done, state.trainable)
         if done % config.train.checkpoint_every == 0 or done == total_steps:
-            ckpt.save(done, state.as_dict(), _meta(exp, done))
+            ckpt.save(done, _checkpointed(state, exp), _meta(exp, done))
     progress.close()
     means = run_eval(total_steps, state.trainable)
     ckpt.wait()
@@ -162,7 +204,8 @@ def _write_config(config: ConfigDict, workdir: str, resumed_at: int | None) -> N
 
 def _meta(exp: Experiment, step: int) -> dict:
     # One batch per step, so the data position is the step; stored apart for clarity on resume.
-    return {"fingerprint": exp.fingerprint(), "data_position": step}
+    return {"fingerprint": exp.fingerprint(), "data_position": step,
+            "frozen_adapters": _has_frozen_adapters(exp)}
 
 
 def restore_trained(config: ConfigDict, workdir: str) -> tuple[Experiment, TrainState]:
@@ -172,8 +215,7 @@ def restore_trained(config: ConfigDict, workdir: str) -> tuple[Experiment, Train
         raise FileNotFoundError(f"No checkpoint in {workdir!r}; train first with "
                                 f"`peftjax train --config ... --workdir {workdir}`.")
     _, like = _fresh_state(exp, config)
-    restored, _ = ckpt.restore(like.as_dict())
-    return exp, TrainState.from_dict(restored)
+    return exp, _restore(ckpt, like, exp)[0]
 
 
 def evaluate_run(config: ConfigDict, workdir: str) -> dict[str, dict[str, dict[str, float]]]:
