@@ -58,7 +58,8 @@ BEGIN, END = "<!-- methods:begin -->", "<!-- methods:end -->"
 
 
 def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    """A workdir name; distinct entries get distinct names ("compacter++" is not "compacter")."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower().replace("+", "_plus")).strip("_")
 
 
 def spawn(args: list[str]) -> tuple[str, float]:
