@@ -24,7 +24,7 @@ from flax import nnx
 from peftjax.models.attention import Attention, mask_to_bias
 from peftjax.models.context import Context
 from peftjax.peft.config import PeftConfig
-from peftjax.peft.prompt import PROMPT_INITS
+from peftjax.peft.prompt import PROMPT_INITS, initial_prompt
 from peftjax.peft.registry import MethodSpec, Site
 from peftjax.peft.variables import Adapter
 
@@ -200,19 +200,8 @@ def _build(attention: Attention, site: Site, config: PeftConfig) -> Attention:
     per_task = bool(site.num_tasks)
     embedding_vd = site.model.shared.embedding.value  # frozen token embeddings (read only)
     if config.prefix_projection:
-        if config.prefix_hidden < 0:
-            raise ValueError(f"config.peft.prefix_hidden must be >= 0 (0 = d_model), got "
-                             f"{config.prefix_hidden}.")
         shape = (*lead, config.num_virtual_tokens, cfg.d_model)
-        key = site.rngs.params()
-        if config.prompt_init == "vocab":
-            tokens = jax.random.randint(key, shape[:-1], 0, embedding_vd.shape[0])
-            embedding = jnp.take(embedding_vd, tokens, axis=0)
-        elif config.prompt_init == "random":
-            embedding = jax.random.normal(key, shape, jnp.float32)
-        else:
-            raise ValueError(f"Unknown config.peft.prompt_init {config.prompt_init!r}; choose "
-                             f"from {PROMPT_INITS}.")
+        embedding = initial_prompt(site.rngs.params(), shape, config.prompt_init, embedding_vd)
         attention.prefix = PrefixProjection(
             embedding, hidden=config.prefix_hidden or cfg.d_model, num_heads=cfg.num_heads,
             d_kv=cfg.d_kv, per_task=per_task, rngs=site.rngs)

@@ -13,11 +13,9 @@ from flax import nnx
 
 from peftjax.models.context import Context
 from peftjax.models.layers import EmbeddingHook
-from peftjax.peft.config import PeftConfig
+from peftjax.peft.config import PROMPT_INITS, PeftConfig
 from peftjax.peft.registry import MethodSpec, Site
 from peftjax.peft.variables import Adapter
-
-PROMPT_INITS = ("vocab", "random")
 
 
 def initial_prompt(key: jax.Array, shape: tuple[int, ...], init: str,
