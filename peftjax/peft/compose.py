@@ -39,7 +39,7 @@ from flax import nnx
 from peftjax.models.context import Context
 from peftjax.models.layers import Dense, Hook
 from peftjax.peft.config import PeftConfig
-from peftjax.peft.inject import module_paths
+from peftjax.peft.inject import module_paths, replace_submodule
 from peftjax.peft.runs import check_fits, freeze, load_trained, read_config
 
 RULES = ("stack", "parallel", "average", "scalearn")
@@ -207,7 +207,7 @@ def attach(model: nnx.Module, config: PeftConfig, sources: list[Source], adapted
             site_weights = None if weights is None else _normalise([weights[i] for i in index],
                                                                    path)
             module = Composition(children, rule=rule, base=site_base, weights=site_weights)
-        _replace(model, path, module)
+        replace_submodule(model, path, module)
     return sorted(new | sites)
 
 
@@ -230,12 +230,3 @@ def _normalise(weights: list[float], path: str) -> tuple[float, ...]:
     return tuple(w / total for w in weights)
 
 
-def _replace(model: nnx.Module, path: str, module: nnx.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model
-    for part in parent_path.split(".") if parent_path else []:
-        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
-    if name.isdigit():
-        parent[int(name)] = module
-    else:
-        setattr(parent, name, module)

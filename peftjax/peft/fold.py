@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.peft import merge as merging
-from peftjax.peft.inject import _get, _set, module_paths
+from peftjax.peft.inject import module_paths, replace_submodule
 from peftjax.peft.lora import LoRADense
 from peftjax.peft.variables import TRAINABLE
 
@@ -142,8 +142,7 @@ def fold_lora(model: nnx.Module, *, task: int | None = None) -> nnx.Module:
         _check_task(lora, task, path)
         kernel = folded_kernel(lora, task)
         lora.base.kernel.set_value(kernel)
-        parent, _, name = path.rpartition(".")
-        _set(_get(new, parent), name, lora.base)
+        replace_submodule(new, path, lora.base)
     return new
 
 
@@ -151,8 +150,7 @@ def strip_lora(model: nnx.Module) -> nnx.Module:
     """A copy of `model` with every LoRADense replaced by its (unmodified) base Dense: W0."""
     new = nnx.clone(model)
     for path, lora in _require_sites(new).items():
-        parent, _, name = path.rpartition(".")
-        _set(_get(new, parent), name, lora.base)
+        replace_submodule(new, path, lora.base)
     return new
 
 
@@ -374,8 +372,7 @@ def merge_lora_tasks(model: nnx.Module, *, rank: int, method: str = "linear",
                                   majority_sign_method=majority_sign_method)
             a_ir, b_ro = merging.svd_compress(delta, rank, scale=new_scale)
         shared = _shared_lora(lora, a_ir, b_ro, new_scale)
-        parent, _, name = path.rpartition(".")
-        _set(_get(new, parent), name, shared)
+        replace_submodule(new, path, shared)
     return new
 
 

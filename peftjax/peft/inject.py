@@ -50,22 +50,24 @@ def apply_peft(model: nnx.Module, config: PeftConfig, *, num_tasks: int | None,
     tasks = num_tasks if config.mode == "per_task" else None
     shared: dict = {}
     for path in usable:
-        parent_path, _, name = path.rpartition(".")
-        parent = _get(model, parent_path)
         site = Site(path=path, num_tasks=tasks, model_config=model.config, rngs=rngs,
                     shared=shared, model=model)
-        _set(parent, name, spec.build(_get(model, path), site, config))
+        replace_submodule(model, path, spec.build(submodule(model, path), site, config))
     return usable
 
 
-def _get(model: nnx.Module, dotted: str) -> nnx.Module:
+def submodule(model: nnx.Module, dotted: str) -> nnx.Module:
+    """The module at a dotted path ("" = `model` itself); list indices are path parts."""
     node = model
     for part in dotted.split(".") if dotted else []:
         node = node[int(part)] if part.isdigit() else getattr(node, part)
     return node
 
 
-def _set(parent: nnx.Module, name: str, module: nnx.Module) -> None:
+def replace_submodule(model: nnx.Module, dotted: str, module: nnx.Module) -> None:
+    """Put `module` at the dotted path, in place."""
+    parent_path, _, name = dotted.rpartition(".")
+    parent = submodule(model, parent_path)
     if name.isdigit():
         parent[int(name)] = module
     else:
