@@ -17,17 +17,13 @@ Smoke run, two sources (the `:quick` variant reads them from /tmp/peftjax_source
     peftjax train --config configs/average.py:quick --workdir /tmp/average
 """
 
-from configs.source_adapter import source_dirs
-from configs.suite import suite_config, switches
-from peftjax.data.synthetic import SUITE_TASKS
-
-QUICK_TASKS = ("reverse_shift", "shift_upper")
+from configs.source_adapter import task_sources
+from configs.suite import suite_config
 
 
 def get_config(arg: str = ""):
     config = suite_config(arg)
     config.peft.method = "pfeiffer"
     config.peft.compose = "average"
-    tasks = QUICK_TASKS if "quick" in switches(arg) else tuple(SUITE_TASKS)
-    config.peft.sources = source_dirs(tasks, arg)
+    config.peft.sources = task_sources(arg)
     return config

@@ -9,14 +9,10 @@ One low-rank PHM adapter per layer, after the FFN, `W = Σ_{i<n} A_i ⊗ s_i t_i
 Width 16 on the 128-wide base, as every bottleneck-family config.
 """
 
-from configs.suite import suite_config
+from configs import compacter
 
 
 def get_config(arg: str = ""):
-    config = suite_config(arg)
+    config = compacter.get_config(arg)  # same adapters, after the FFN only
     config.peft.method = "compacter_pp"
-    config.peft.reduction_factor = 8
-    config.peft.phm_dim = 4
-    config.peft.phm_rank = 1
-    config.peft.adapter_activation = "gelu_new"
     return config

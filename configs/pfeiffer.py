@@ -8,12 +8,10 @@
 the Houlsby adapters). Width 16 on the 128-wide base, as every bottleneck-family config.
 """
 
-from configs.suite import suite_config
+from configs import houlsby
 
 
 def get_config(arg: str = ""):
-    config = suite_config(arg)
+    config = houlsby.get_config(arg)  # same adapter, after the FFN only
     config.peft.method = "pfeiffer"
-    config.peft.reduction_factor = 8
-    config.peft.adapter_activation = "relu"
     return config

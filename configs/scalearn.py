@@ -19,11 +19,8 @@ Smoke run, two sources (the `:quick` variant reads them from /tmp/peftjax_source
     peftjax train --config configs/scalearn.py:quick --workdir /tmp/scalearn
 """
 
-from configs.source_adapter import source_dirs
-from configs.suite import suite_config, switches
-from peftjax.data.synthetic import SUITE_TASKS
-
-QUICK_TASKS = ("reverse_shift", "shift_upper")
+from configs.source_adapter import task_sources
+from configs.suite import suite_config
 
 
 def get_config(arg: str = ""):
@@ -31,7 +28,6 @@ def get_config(arg: str = ""):
     config.peft.method = "none"  # only ω trains
     config.peft.compose = "scalearn"
     config.peft.scalearn_form = "vector"
-    tasks = QUICK_TASKS if "quick" in switches(arg) else tuple(SUITE_TASKS)
-    config.peft.sources = source_dirs(tasks, arg)
+    config.peft.sources = task_sources(arg)
     config.optim.learning_rate = 1e-2  # a few scaling factors: a larger step than for adapters
     return config

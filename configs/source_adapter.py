@@ -28,6 +28,7 @@ from peftjax.data.synthetic import SUITE_TASKS
 
 SOURCES = "runs/sources"  # where the composed configs look for source runs
 QUICK_SOURCES = "/tmp/peftjax_sources"  # ... and for their `:quick` variants
+QUICK_TASKS = ("reverse_shift", "shift_upper")  # the two sources a `:quick` composition reads
 
 
 def source_task(arg: str) -> str:
@@ -43,6 +44,12 @@ def source_dirs(tasks, arg: str = "") -> tuple[str, ...]:
     """The workdirs of the source runs of `tasks`, as the commands above name them."""
     root = QUICK_SOURCES if "quick" in switches(arg) else SOURCES
     return tuple(os.path.join(root, task) for task in tasks)
+
+
+def task_sources(arg: str = "") -> tuple[str, ...]:
+    """One single-task source run per suite task (two for `quick`): what average and ScaLearn
+    compose."""
+    return source_dirs(QUICK_TASKS if "quick" in switches(arg) else tuple(SUITE_TASKS), arg)
 
 
 def get_config(arg: str = ""):

@@ -493,7 +493,7 @@ def quick_sources(tmp_path_factory):
     """Saved sources for the configs' `:quick` variants (what their docstrings train)."""
     root = tmp_path_factory.mktemp("quick")
     dirs = {}
-    for task in ("suite", *scalearn.QUICK_TASKS):
+    for task in ("suite", *source_adapter.QUICK_TASKS):
         dirs[task] = str(root / task)
         save_run(dirs[task], source_adapter.get_config(f"quick,task={task}"), scale=0.05)
     dirs["full"] = str(root / "full")

@@ -12,7 +12,7 @@ from peftjax.models.layers import Hook, activation_fn
 from peftjax.models.t5 import MLP
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.registry import MethodSpec, Site
-from peftjax.peft.task_select import project_in, project_out
+from peftjax.peft.task_select import project_in, project_out, task_axis
 from peftjax.peft.variables import Adapter
 
 
@@ -28,7 +28,7 @@ class BottleneckAdapter(nnx.Module):
         if bottleneck <= 0:
             raise ValueError(f"Adapter bottleneck width must be positive, got {bottleneck}; "
                              "lower config.peft.reduction_factor.")
-        lead, lead_axes = ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+        lead, lead_axes = task_axis(num_tasks)
         self.down = Adapter(0.01 * jax.random.normal(rngs.params(), (*lead, features, bottleneck)),
                             axes=(*lead_axes, "embed", "adapter_bottleneck"))
         self.up = Adapter(jnp.zeros((*lead, bottleneck, features)),

@@ -17,7 +17,7 @@ from peftjax.models.context import Context
 from peftjax.models.layers import Dense
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.registry import MethodSpec, Site
-from peftjax.peft.task_select import task_rows
+from peftjax.peft.task_select import task_axis, task_rows
 from peftjax.peft.variables import Adapter
 
 
@@ -34,7 +34,7 @@ class IA3Dense(nnx.Module):
         in_axis, out_axis = base.kernel.get_metadata()["axes"]
         features, axis = ((base.in_features, in_axis) if feedforward
                           else (base.out_features, out_axis))
-        lead, lead_axes = ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+        lead, lead_axes = task_axis(num_tasks)
         self.ia3_l = Adapter(jnp.ones((*lead, features), jnp.float32), axes=(*lead_axes, axis))
         self.per_task = bool(num_tasks)
 

@@ -22,7 +22,7 @@ from peftjax.models.context import Context, dropout, site_salt
 from peftjax.models.layers import Dense
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.registry import MethodSpec, Site
-from peftjax.peft.task_select import project_in, project_out, task_rows
+from peftjax.peft.task_select import project_in, project_out, task_axis, task_rows
 from peftjax.peft.variables import Adapter, FrozenAdapter
 
 
@@ -72,7 +72,7 @@ class LoRADense(nnx.Module):
                              "config.peft.rank to e.g. 8.")
         self.base = base
         in_axis, out_axis = base.kernel.get_metadata()["axes"]
-        lead, lead_axes = ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+        lead, lead_axes = task_axis(num_tasks)
         bound = 1.0 / math.sqrt(base.in_features)
         a = jax.random.uniform(rngs.params(), (*lead, base.in_features, rank), jnp.float32,
                                -bound, bound)

@@ -43,7 +43,7 @@ from peftjax.models.context import Context
 from peftjax.models.layers import Hook, activation_fn
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.registry import MethodSpec, Site
-from peftjax.peft.task_select import project_in, project_out, task_rows
+from peftjax.peft.task_select import project_in, project_out, task_axis, task_rows
 from peftjax.peft.variables import Adapter
 
 SHARED_RULE_STD = 1e-4  # reference `phm_init_range` of the model-level (shared) rule
@@ -77,7 +77,7 @@ def _zeros(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def new_rule(phm_dim: int, *, std: float, num_tasks: int | None, rngs: nnx.Rngs) -> Adapter:
     """A rule tensor `[(tasks,) n, n, n]` ~ N(0, std²) (`A_k = rule[..., k, :, :]`)."""
-    lead, lead_axes = ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+    lead, lead_axes = task_axis(num_tasks)
     value = std * jax.random.normal(rngs.params(), (*lead, phm_dim, phm_dim, phm_dim))
     return Adapter(value, axes=(*lead_axes, "phm", "phm", "phm"))
 
@@ -100,7 +100,7 @@ class PHMLinear(nnx.Module):
         if in_features % n or out_features % n:
             raise ValueError(f"A PHM layer {in_features} -> {out_features} needs both widths "
                              f"divisible by config.peft.phm_dim={n}.")
-        lead, lead_axes = ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+        lead, lead_axes = task_axis(num_tasks)
         in_axis, out_axis = axes
         i, o = in_features // n, out_features // n
         self.rule = rule if rule is not None else new_rule(

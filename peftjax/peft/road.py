@@ -26,7 +26,7 @@ from peftjax.models.context import Context
 from peftjax.models.layers import Dense
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.registry import MethodSpec, Site
-from peftjax.peft.task_select import task_rows
+from peftjax.peft.task_select import task_axis, task_rows
 from peftjax.peft.variables import Adapter
 
 VARIANTS = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # parameters per output element
@@ -94,7 +94,7 @@ class RoadDense(nnx.Module):
         self.base = base
         self.variant, self.group_size = variant, group_size
         _, out_axis = base.kernel.get_metadata()["axes"]
-        lead, lead_axes = ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+        lead, lead_axes = task_axis(num_tasks)
         shape = (*lead, int(base.out_features * VARIANTS[variant]))
         # Named after the output axis they act on (sizes differ by variant; a dimension the mesh
         # does not divide stays replicated).

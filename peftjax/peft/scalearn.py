@@ -35,7 +35,7 @@ from peftjax.models.context import Context
 from peftjax.models.layers import Dense
 from peftjax.peft.compose import Composition
 from peftjax.peft.config import PeftConfig
-from peftjax.peft.task_select import task_rows
+from peftjax.peft.task_select import task_axis, task_rows
 from peftjax.peft.variables import Adapter
 
 INIT_STD = 1e-3  # the reference's torch.normal(init, 0.001)
@@ -44,7 +44,7 @@ INIT_STD = 1e-3  # the reference's torch.normal(init, 0.001)
 def omega_table(num_sources: int, *, width: int | None, out_axis: str, num_tasks: int | None,
                 rngs: nnx.Rngs) -> Adapter:
     """ω: `[(tasks,) sources]` (scalar forms, `width=None`) or `[(tasks,) sources, width]`."""
-    lead, lead_axes = ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+    lead, lead_axes = task_axis(num_tasks)
     row, row_axes = ((), ()) if width is None else ((width,), (out_axis,))
     shape = (*lead, num_sources, *row)
     value = 1.0 / num_sources + INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)

@@ -34,7 +34,7 @@ from peftjax.peft.config import PeftConfig
 from peftjax.peft.inject import module_paths
 from peftjax.peft.registry import MethodSpec, Site
 from peftjax.peft.runs import check_fits, load_trained, read_config
-from peftjax.peft.task_select import project_in
+from peftjax.peft.task_select import project_in, task_axis
 from peftjax.peft.variables import Adapter, FrozenAdapter
 
 KEY = "sparse_mask_from"
@@ -79,7 +79,7 @@ class SparseDense(nnx.Module):
     def __init__(self, base: Dense, mask_io, *, num_tasks: int | None = None):
         self.base = base
         in_axis, out_axis = base.kernel.get_metadata()["axes"]
-        lead, lead_axes = ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+        lead, lead_axes = task_axis(num_tasks)
         shape = (*lead, base.in_features, base.out_features)
         axes = (*lead_axes, in_axis, out_axis)
         self.phi = Adapter(jnp.zeros(shape, jnp.float32), axes=axes)

@@ -56,6 +56,12 @@ def project_out(h: jax.Array, w: jax.Array, task_ids: jax.Array | None) -> jax.A
     return jnp.einsum("btkr,kro->bto", h * onehot[..., None], w)
 
 
+def task_axis(num_tasks: int | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Leading shape and logical axes of a per-task table: `((T,), ("tasks",))`, or `((), ())`
+    for a shared one. Prepend both to a parameter's own shape and axes."""
+    return ((num_tasks,), ("tasks",)) if num_tasks else ((), ())
+
+
 def task_rows(table: jax.Array, task_ids: jax.Array | None, x: jax.Array, *,
               per_task: bool) -> jax.Array:
     """Per-task rows of a small table, broadcastable against activations `x` `[b, t, ...]`.
