@@ -65,10 +65,23 @@ def default_config() -> ConfigDict:
     c.peft.sparse_density = 0.01
     c.peft.sparse_mask_from = ""  # workdir of a first-pass run with method=full
     # Composition over frozen source adapters (trained runs' workdirs)
-    c.peft.compose = "none"  # none | stack | parallel | average | scalearn
+    c.peft.compose = "none"  # none | stack | parallel | average | scalearn | fusion | molora |
+    # arrow (the last three route each token over the sources: see peftjax.routing)
     c.peft.sources = ()
     c.peft.compose_weights = ()
     c.peft.scalearn_form = "vector"  # vector | scalar | vector_shared | scalar_shared
+    # Task routing over a skill inventory (method=poly / mhr)
+    c.peft.num_skills = 4  # K LoRA skills per adapted layer
+    c.peft.num_splits = 1  # MHR heads (A split along d_in, B along d_out); 1 = Poly
+    c.peft.router = "learned"  # learned | uniform (average of the inventory, mu-routing)
+    c.peft.router_temperature = 1.0  # relaxed-Bernoulli temperature in training
+    c.peft.skills_from = ""  # a trained poly/mhr workdir: method=poly/mhr trains only the
+    # routing over its frozen inventory (MHR-z); method=lora starts from its average (MHR-mu)
+    # Token routing (method=molora / smora; compose=molora / arrow over sources)
+    c.peft.num_experts = 4  # LoRA experts per site (molora)
+    c.peft.top_k = 2  # experts (molora, arrow) or ranks (smora) per token
+    c.peft.balance_coef = 0.01  # load-balancing loss weight (Switch Transformer)
+    c.peft.arrow_temperature = 1.0  # softmax temperature over Arrow's top-k scores
 
     c.data = ConfigDict()
     c.data.mixture = "synthetic_suite"  # a seqio Task or Mixture name

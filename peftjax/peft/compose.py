@@ -31,6 +31,7 @@ the child), except under ScaLearn, which scales the new adapter's output too.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 
 import jax
@@ -42,7 +43,22 @@ from peftjax.peft.config import PeftConfig
 from peftjax.peft.inject import module_paths, replace_submodule
 from peftjax.peft.runs import check_fits, freeze, load_trained, read_config
 
-RULES = ("stack", "parallel", "average", "scalearn")
+RULES = ("stack", "parallel", "average", "scalearn", "fusion", "molora", "arrow")
+
+# Rules whose site module another module builds, as "module:function". Each builder is called as
+# `build(children, index, *, path, base, width, out_axis, config, num_children, num_tasks,
+# tables, rngs)` (see `peftjax.peft.scalearn.scalearn_block`) and returns a `Composition`.
+BLOCKS = {
+    "scalearn": "peftjax.peft.scalearn:scalearn_block",
+    "fusion": "peftjax.routing.fusion:fusion_block",  # AdapterFusion
+    "molora": "peftjax.routing.moe:library_block",  # token top-k gate over frozen experts
+    "arrow": "peftjax.routing.arrow:arrow_block",  # zero-shot routing by singular vectors
+}
+
+
+def block_builder(rule: str):
+    module, _, name = BLOCKS[rule].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclasses.dataclass
@@ -188,14 +204,13 @@ def attach(model: nnx.Module, config: PeftConfig, sources: list[Source], adapted
         for child in children:  # one frozen base kernel for every child (no copies of W0)
             if site_base is not None and isinstance(getattr(child, "base", None), Dense):
                 child.base = site_base
-        if config.compose == "scalearn":
-            from peftjax.peft.scalearn import scalearn_block  # it subclasses Composition
-
+        if config.compose in BLOCKS:
             width, out_axis = ((model.config.d_model, "embed") if site_base is None else
                                (site_base.out_features, site_base.kernel.get_metadata()["axes"][1]))
-            module = scalearn_block(children, index, base=site_base, width=width,
-                                    out_axis=out_axis, config=config, num_children=len(names),
-                                    num_tasks=num_tasks, tables=tables, rngs=rngs)
+            module = block_builder(config.compose)(
+                children, index, path=path, base=site_base, width=width, out_axis=out_axis,
+                config=config, num_children=len(names), num_tasks=num_tasks, tables=tables,
+                rngs=rngs)
         else:
             rule = config.compose
             if rule == "stack" and site_base is not None and len(children) > 1:

@@ -7,7 +7,8 @@ import dataclasses
 from peftjax.models.layers import ACTIVATIONS
 
 MODES = ("shared", "per_task")
-COMPOSE = ("none", "stack", "parallel", "average", "scalearn")
+COMPOSE = ("none", "stack", "parallel", "average", "scalearn", "fusion", "molora", "arrow")
+ROUTERS = ("learned", "uniform")
 SCALEARN_FORMS = ("vector", "scalar", "vector_shared", "scalar_shared")
 PROMPT_INITS = ("vocab", "random")
 ROAD_VARIANTS = ("road_1", "road_2", "road_4")
@@ -56,6 +57,18 @@ class PeftConfig:
     sources: tuple[str, ...] = ()  # workdirs of trained runs whose adapters are composed
     compose_weights: tuple[float, ...] = ()  # `average`: weights (default uniform)
     scalearn_form: str = "vector"  # vector | scalar | vector_shared | scalar_shared
+    # Task routing over a skill inventory (poly, mhr)
+    num_skills: int = 4  # K: LoRA skills in each layer's inventory
+    num_splits: int = 1  # MHR heads: A split along d_in, B along d_out (1 = Poly)
+    router: str = "learned"  # learned | uniform (the inventory's average: mu-routing)
+    router_temperature: float = 1.0  # relaxed-Bernoulli temperature while training
+    skills_from: str = ""  # workdir of a trained poly/mhr run: MHR-z (method=poly/mhr: its
+    # inventory frozen, only the routing trains) or MHR-mu (method=lora: init from its average)
+    # Token routing over experts (molora, smora; compose=molora/arrow over sources)
+    num_experts: int = 4  # E: LoRA experts per site (molora)
+    top_k: int = 2  # experts (molora, arrow) or ranks (smora) each token uses
+    balance_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer)
+    arrow_temperature: float = 1.0  # softmax temperature over Arrow's top-k |<v_e, x>|
 
     def __post_init__(self):
         from peftjax.peft.registry import METHODS  # the registry imports this module
@@ -72,12 +85,12 @@ class PeftConfig:
             raise ValueError(f"Unknown config.peft.scalearn_form {self.scalearn_form!r}; choose "
                              f"from {SCALEARN_FORMS}.")
         for name in ("rank", "reduction_factor", "phm_dim", "phm_rank", "num_virtual_tokens",
-                     "road_group_size"):
+                     "road_group_size", "num_skills", "num_splits", "num_experts", "top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.peft.{name} must be a positive integer, got {value!r}.")
         choices = {"adapter_activation": tuple(ACTIVATIONS), "prompt_init": PROMPT_INITS,
-                   "road_variant": ROAD_VARIANTS}
+                   "road_variant": ROAD_VARIANTS, "router": ROUTERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown config.peft.{name} {getattr(self, name)!r}; choose "
@@ -90,6 +103,19 @@ class PeftConfig:
         if not 0.0 < self.sparse_density <= 1.0:
             raise ValueError("config.peft.sparse_density must be in (0, 1], got "
                              f"{self.sparse_density}.")
+        if self.method == "molora" and self.top_k > self.num_experts:
+            raise ValueError(f"config.peft.top_k={self.top_k} is larger than "
+                             f"config.peft.num_experts={self.num_experts}: a token cannot use more "
+                             "experts than there are; lower top_k or add experts.")
+        if self.method == "smora" and self.top_k > self.rank:
+            raise ValueError(f"config.peft.top_k={self.top_k} is larger than config.peft.rank="
+                             f"{self.rank}: SMoRA's experts are the ranks; lower top_k.")
+        for name in ("router_temperature", "arrow_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config.peft.{name} must be positive, got "
+                                 f"{getattr(self, name)}.")
+        if self.balance_coef < 0:
+            raise ValueError(f"config.peft.balance_coef must be >= 0, got {self.balance_coef}.")
         if self.lora_plus_ratio <= 0:
             raise ValueError("config.peft.lora_plus_ratio must be positive (1 = plain LoRA), got "
                              f"{self.lora_plus_ratio}.")

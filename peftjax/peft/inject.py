@@ -51,7 +51,7 @@ def apply_peft(model: nnx.Module, config: PeftConfig, *, num_tasks: int | None,
     shared: dict = {}
     for path in usable:
         site = Site(path=path, num_tasks=tasks, model_config=model.config, rngs=rngs,
-                    shared=shared, model=model)
+                    shared=shared, model=model, num_task_ids=num_tasks)
         replace_submodule(model, path, spec.build(submodule(model, path), site, config))
     return usable
 

@@ -33,6 +33,10 @@ METHODS: dict[str, str | None] = {
     "ln_tuning": "peftjax.peft.norm_tuning",
     "road": "peftjax.peft.road",
     "sparse": "peftjax.peft.sparse",
+    "poly": "peftjax.routing.poly",
+    "mhr": "peftjax.routing.poly",
+    "molora": "peftjax.routing.moe",
+    "smora": "peftjax.routing.moe",
 }
 
 
@@ -50,6 +54,7 @@ class Site:
     rngs: nnx.Rngs
     shared: dict[str, Any]
     model: nnx.Module  # the whole model, read-only (e.g. prompt init from token embeddings)
+    num_task_ids: int | None = None  # rows of task-routed tables (poly, mhr) in any mode
 
 
 @dataclasses.dataclass(frozen=True)

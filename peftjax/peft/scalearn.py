@@ -78,15 +78,17 @@ class ScaLearn(Composition):
         return jnp.sum(self.scales(x_btd, ctx).astype(stacked.dtype) * stacked, axis=-2)
 
 
-def scalearn_block(children: list[nnx.Module], index: list[int], *, base: Dense | None,
-                   width: int, out_axis: str, config: PeftConfig, num_children: int,
-                   num_tasks: int | None, tables: dict, rngs: nnx.Rngs) -> ScaLearn:
-    """The ScaLearn module of one site.
+def scalearn_block(children: list[nnx.Module], index: list[int], *, path: str,
+                   base: Dense | None, width: int, out_axis: str, config: PeftConfig,
+                   num_children: int, num_tasks: int | None, tables: dict,
+                   rngs: nnx.Rngs) -> ScaLearn:
+    """The ScaLearn module of one site (`path`, unused: every site is alike).
 
     `index`: the children's positions among all `num_children` (sources, then the new adapter);
     `width`/`out_axis`: the site's output width and its logical axis; `tables`: one dict per
     model, holding the shared forms' tables across sites.
     """
+    del path
     form = config.scalearn_form
     scalar, shared = form.startswith("scalar"), form.endswith("_shared")
     per_task = config.mode == "per_task"

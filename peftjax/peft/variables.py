@@ -16,6 +16,11 @@ class Adapter(PeftParam):
     """Weights of an adapter module (LoRA factors, bottleneck projections, ...)."""
 
 
+class Router(PeftParam):
+    """Routing parameters: Poly/MHR task-skill logits, token gates, fusion attention. A separate
+    type so a run can train the routing alone (MHR-z) and analysis can find every router."""
+
+
 class FrozenAdapter(nnx.Variable):
     """Adapter state that is part of the PEFT model but not trained: a frozen LoRA A, a sparse
     fine-tuning mask, the weights of frozen source adapters under a composition. It stays with

@@ -36,6 +36,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv", None),  # per-head key/value width of prefix tuning's prefixes
     ("phm", None),  # Kronecker summands of PHM / Compacter layers
     ("sources", None),  # frozen source adapters under a composition (ScaLearn, average)
+    ("skills", None),  # Poly / MHR skill inventories
+    ("splits", None),  # MHR heads (blocks of d_in / d_out)
+    ("experts", None),  # MoLoRA experts, Arrow / fusion library entries
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]

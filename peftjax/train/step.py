@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from peftjax.routing.record import capture, mean_entropy
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
@@ -92,8 +94,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         def loss_fn(trainable):
             model = nnx.merge(graphdef, trainable, frozen)
-            logits = model(**model_inputs(batch, packed), dropout_key=dropout_key)
-            return loss_and_metrics(logits, batch, num_task_ids)
+            logits, routing, aux_loss = capture(_call)(
+                model, **model_inputs(batch, packed), dropout_key=dropout_key)
+            loss, metrics = loss_and_metrics(logits, batch, num_task_ids)
+            if routing:  # a model with routers: their extra loss, and how sharply they route
+                metrics.update(router_steps=jnp.ones((), jnp.float32), aux_loss=aux_loss,
+                               routing_entropy=mean_entropy(routing))
+            return loss + aux_loss, metrics
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
@@ -102,6 +109,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def _call(model: nnx.Module, **inputs) -> jax.Array:
+    return model(**inputs)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, packed: bool, num_task_ids: int):
@@ -124,4 +135,8 @@ def summarize(metrics: Metrics | dict[str, Any], task_names_by_id: dict[int, str
         if n > 0:
             out[f"loss/{name}"] = float(metrics["task_loss_sum"][task_id]) / n
             out[f"token_accuracy/{name}"] = float(metrics["task_correct_sum"][task_id]) / n
+    if "router_steps" in metrics:  # per-step values, summed over the logging interval
+        steps = float(metrics["router_steps"])
+        out["aux_loss"] = float(metrics["aux_loss"]) / steps
+        out["routing_entropy"] = float(metrics["routing_entropy"]) / steps
     return out
