@@ -5,6 +5,7 @@ Importing this module registers, idempotently:
   synthetic_<task>     one seqio Task per task in synthetic.ALL_TASKS, splits train/validation
   synthetic_pretrain   mixture of the single-skill pretraining tasks, equal rates
   synthetic_suite      mixture of the composed suite tasks, rates from SUITE_RATES
+  synthetic_heldout    mixture of the held-out tasks (new skill combinations, eval only)
 
 and the fixed task id of every task (peftjax.data.task_id_of). Train is an endless stream of
 fresh examples (no epochs); validation is a fixed set of NUM_VALIDATION_EXAMPLES per task.
@@ -26,6 +27,7 @@ PREFIX = "synthetic_"
 NUM_VALIDATION_EXAMPLES = 256
 PRETRAIN_MIXTURE = "synthetic_pretrain"
 SUITE_MIXTURE = "synthetic_suite"
+HELDOUT_MIXTURE = "synthetic_heldout"
 # Relative sampling rates of the suite tasks (equal for now; the knob for imbalance studies).
 SUITE_RATES: dict[str, float] = {task: 1.0 for task in synthetic.SUITE_TASKS}
 
@@ -116,6 +118,7 @@ def register() -> None:
         _register_task(task)
     _register_mixture(PRETRAIN_MIXTURE, {task: 1.0 for task in synthetic.PRETRAIN_TASKS})
     _register_mixture(SUITE_MIXTURE, SUITE_RATES)
+    _register_mixture(HELDOUT_MIXTURE, {task: 1.0 for task in synthetic.HELDOUT_TASKS})
 
 
 register()

@@ -99,15 +99,17 @@ def test_task_ids_are_fixed_and_unique():
         "upper_double": 10,
         "reverse_shift_upper": 11,
         "shift_upper_double": 12,
+        "reverse_shift_double": 13,
+        "reverse_upper_double": 14,
     }
-    assert synthetic.NUM_TASK_IDS == 13
+    assert synthetic.NUM_TASK_IDS == 15
     assert sorted(synthetic.TASK_IDS.values()) == list(range(synthetic.NUM_TASK_IDS))
 
 
 def test_skill_overlap():
     overlap = synthetic.skill_overlap()
     ids = synthetic.TASK_IDS
-    assert overlap.shape == (13, 13)
+    assert overlap.shape == (15, 15)
     np.testing.assert_array_equal(overlap, overlap.T)
     np.testing.assert_array_equal(np.diag(overlap), 1.0)
     assert overlap[ids["copy"], ids["reverse"]] == 0.0
@@ -162,6 +164,10 @@ def test_registration_is_idempotent(registered):
         f"synthetic_{t}" for t in synthetic.SUITE_TASKS
     )
     assert all(suite.get_rate(task) == 1.0 for task in suite.tasks)
+    assert pipeline.task_names("synthetic_heldout") == sorted(
+        f"synthetic_{t}" for t in synthetic.HELDOUT_TASKS
+    )
+    assert not set(synthetic.HELDOUT_TASKS) & set(synthetic.SUITE_TASKS)
     task = pipeline.resolve("synthetic_reverse")
     assert task.metric_fns == [metrics.exact_match, metrics.token_accuracy]
     assert isinstance(pipeline.vocabulary("synthetic_suite"), seqio.ByteVocabulary)

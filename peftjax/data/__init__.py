@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     )
     from peftjax.data.synthetic import (
         ALL_TASKS,
+        HELDOUT_TASKS,
         NUM_TASK_IDS,
         PRETRAIN_TASKS,
         SKILLS,
@@ -64,6 +65,7 @@ _EXPORTS = {
     ),
     "synthetic": (
         "ALL_TASKS",
+        "HELDOUT_TASKS",
         "NUM_TASK_IDS",
         "PRETRAIN_TASKS",
         "SKILLS",
@@ -81,6 +83,7 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 
 __all__ = [
     "ALL_TASKS",
+    "HELDOUT_TASKS",
     "NUM_TASK_IDS",
     "PRETRAIN_TASKS",
     "SKILLS",

@@ -4,7 +4,8 @@ Every task maps a random lowercase string (3..8 letters) to a transformed string
 sequence of *skills* left to right. The frozen base model is pretrained on the single-skill
 tasks (`PRETRAIN_TASKS`); parameter-efficient methods are then trained on the compositions
 (`SUITE_TASKS`), whose overlap in skills (`skill_overlap`) is the ground truth that learned
-routing can be compared against.
+routing can be compared against. `HELDOUT_TASKS` combine seen skills in new ways and are never
+trained on: zero-shot evaluation only.
 
 This module is pure Python + NumPy on purpose (no seqio / TensorFlow), so model and analysis
 code can read the task tables cheaply. The seqio registrations live in `tasks/synthetic.py`.
@@ -99,7 +100,14 @@ SUITE_TASKS: dict[str, tuple[str, ...]] = {
     "shift_upper_double": ("shift", "upper", "double"),
 }
 
-ALL_TASKS: dict[str, tuple[str, ...]] = {**PRETRAIN_TASKS, **SUITE_TASKS}
+# Never trained on: new combinations of seen skills, for zero-shot evaluation (Arrow routing over
+# the suite's adapters, description-conditioned generators). Their ids follow the suite's.
+HELDOUT_TASKS: dict[str, tuple[str, ...]] = {
+    "reverse_shift_double": ("reverse", "shift", "double"),
+    "reverse_upper_double": ("reverse", "upper", "double"),
+}
+
+ALL_TASKS: dict[str, tuple[str, ...]] = {**PRETRAIN_TASKS, **SUITE_TASKS, **HELDOUT_TASKS}
 TASK_IDS: dict[str, int] = {name: i for i, name in enumerate(ALL_TASKS)}
 NUM_TASK_IDS = len(TASK_IDS)
 
