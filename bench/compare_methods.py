@@ -86,7 +86,7 @@ def run_entry(name: str, spec: str, extra: tuple[str, ...], steps: int, runs: st
         if result.get("steps") == steps:
             return result
     overrides = [f"--config.train.steps={steps}", "--config.train.progress=False",
-                 f"--config.train.checkpoint_every={steps}",
+                 f"--config.train.checkpoint_every={max(steps, 1)}",
                  *(e.format(runs=runs) for e in extra)]
     counts = json.loads(spawn(["params", "--config", spec, *overrides])[0].strip().splitlines()[-1])
     start = time.perf_counter()
@@ -157,14 +157,16 @@ def markdown(results: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(section: str, path: str) -> None:
+def write_results(section: str, path: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Put `section` (which starts and ends with `markers`) into `path`, replacing the old one."""
+    begin, end = markers
     text = "# Benchmark results\n"
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as f:

@@ -180,7 +180,7 @@ def test_bad_adapter_directories_are_clear_errors(base_dir, library, tmp_path):
     # A method peft has and peftjax does not.
     make_adapter(base_dir, tmp_path / "loha", peft.LoHaConfig(
         r=2, target_modules=["q"], **SEQ2SEQ), seed=7)
-    with pytest.raises(PeftInteropError, match=r"peft_type='LOHA'.*\['IA3', 'LORA', "
+    with pytest.raises(PeftInteropError, match=r"peft_type='LOHA'.*\['IA3', 'LORA', 'POLY', "
                                                r"'PROMPT_TUNING'\]"):
         load_peft(base_dir, tmp_path / "loha")
     # LoRA on the token embeddings: peftjax adapts projections only.

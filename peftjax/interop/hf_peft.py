@@ -9,7 +9,8 @@ tensors named after the base model's torch modules, e.g.
   model (task id = order in the dict), e.g. a library of LoRAs trained separately.
 * `save_peft(model, out_dir)`: the inverse, loadable by `peft.PeftModel.from_pretrained`.
 
-Supported: LoRA (rsLoRA, DoRA, any Linear targets, rank/alpha patterns), (IA)^3 and prompt tuning.
+Supported: LoRA (rsLoRA, DoRA, any Linear targets, rank/alpha patterns), (IA)^3 and prompt tuning;
+`load_peft` also reads Poly / MHR (peft's POLY: the model then takes `task_ids=` < n_tasks).
 Per-module ranks and scales that differ from the model-wide ones are made exact by zero-padding
 the rank and folding the scale ratio into B (`s·B A` is all that reaches the output).
 This module needs neither torch nor peft.
@@ -39,7 +40,7 @@ from peftjax.peft.variables import FrozenAdapter
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what peft prepends to the base model's module names
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning"}
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "POLY": "poly"}
 SEQ2SEQ = "SEQ_2_SEQ_LM"
 # LoRA options that change the forward pass in ways peftjax's LoRADense does not implement:
 # (key, the value that is fine).
@@ -49,6 +50,7 @@ _LORA_UNSUPPORTED = (("fan_in_fan_out", False), ("lora_bias", False), ("use_qalo
                      ("trainable_token_indices", None), ("target_parameters", None),
                      ("use_bdlora", None))
 _IA3_UNSUPPORTED = (("fan_in_fan_out", False), ("modules_to_save", None))
+_POLY_UNSUPPORTED = (("poly_type", "poly"), ("modules_to_save", None))
 
 
 class PeftInteropError(ValueError):
@@ -79,6 +81,7 @@ class Imported:
     config: dict  # PeftConfig fields
     weights: dict[str, dict[str, np.ndarray]]
     lora_scale: dict[str, float] = dataclasses.field(default_factory=dict)
+    num_task_ids: int | None = None  # rows of a task-routed table (Poly's n_tasks)
 
 
 # --------------------------------------------------------------------------- names
@@ -311,7 +314,41 @@ def _import_prompt(adapter: HFAdapter, model: T5) -> Imported:
                     {"encoder.prompt": {"prompt": table[:p]}})
 
 
-_IMPORTERS = {"lora": _import_lora, "ia3": _import_ia3, "prompt_tuning": _import_prompt}
+def _import_poly(adapter: HFAdapter, model: T5) -> Imported:
+    cfg = adapter.config
+    _check_options(adapter, _POLY_UNSUPPORTED)
+    sizes = {key: int(cfg.get(key) or 0) for key in ("r", "n_tasks", "n_skills", "n_splits")}
+    if min(sizes.values()) <= 0:
+        raise PeftInteropError(f"{adapter.path!r}: adapter_config.json needs positive r, n_tasks, "
+                               f"n_skills and n_splits, got {sizes}.")
+    r, tasks, skills, splits = sizes.values()
+    by_module = _module_tensors(adapter, ("poly_lora_A", "poly_lora_B",
+                                          "poly_router.module_logits"))
+    resolved = _resolve_modules(adapter, sorted(by_module), model)
+    weights = {}
+    for name, (path, dense) in resolved.items():
+        parts = by_module[name]
+        if dense.in_features % splits or dense.out_features % splits:
+            raise PeftInteropError(f"{adapter.path!r}: n_splits={splits} does not divide the "
+                                   f"widths of {name!r} ({dense.in_features} -> "
+                                   f"{dense.out_features}). {_base_hint(adapter)}")
+        # Same layouts as peftjax's PolyLoRADense; the router's [tasks, splits * skills] is
+        # peft's `view(-1, n_splits, n_skills)` of it.
+        want = {"poly_lora_A": (splits, skills, dense.in_features // splits, r),
+                "poly_lora_B": (splits, skills, r, dense.out_features // splits),
+                "poly_router.module_logits": (tasks, splits * skills)}
+        for key, shape in want.items():
+            _check_shape(adapter, key, name, parts[key].shape, shape)
+        weights[path] = {"poly_a": parts["poly_lora_A"], "poly_b": parts["poly_lora_B"],
+                         "router_logits": parts["poly_router.module_logits"].reshape(
+                             tasks, splits, skills)}
+    config = dict(method="mhr" if splits > 1 else "poly", rank=r, num_skills=skills,
+                  num_splits=splits)
+    return Imported(config, weights, num_task_ids=tasks)
+
+
+_IMPORTERS = {"lora": _import_lora, "ia3": _import_ia3, "prompt_tuning": _import_prompt,
+              "poly": _import_poly}
 
 
 def _without_base_copies(adapter: HFAdapter, model: T5) -> HFAdapter:
@@ -415,7 +452,8 @@ def load_peft(base_hf_dir: str, adapters: str | os.PathLike | Mapping[str, str],
       config_overrides: non-shape `T5Config` fields, as for `from_hf` (e.g. `dtype`).
 
     Returns a `T5` callable like `from_hf`'s, e.g.
-    `model(encoder_input_tokens=..., decoder_input_tokens=..., task_ids=...)` → logits.
+    `model(encoder_input_tokens=..., decoder_input_tokens=..., task_ids=...)` → logits. A Poly /
+    MHR adapter (peft's POLY) routes by task: pass `task_ids` < its `n_tasks`, as to peft.
     """
     per_task = isinstance(adapters, Mapping)
     named = dict(adapters) if per_task else {"adapter": adapters}
@@ -425,8 +463,14 @@ def load_peft(base_hf_dir: str, adapters: str | os.PathLike | Mapping[str, str],
     model = from_hf(os.fspath(base_hf_dir), **config_overrides)
     projections = sorted(hf_module_names(model.config))
     imported = {name: import_adapter(read_adapter(path), model) for name, path in named.items()}
+    routed = [name for name, imp in imported.items() if imp.num_task_ids]
+    if routed and per_task:
+        raise PeftInteropError(f"Adapter {routed[0]!r} is a Poly/MHR adapter, which routes tasks "
+                               "itself (task_ids index its router); load it alone: "
+                               "load_peft(base, adapter_dir).")
     config = _common_config(imported, per_task, projections)
-    apply_peft(model, config, num_tasks=len(named) if per_task else None, rngs=nnx.Rngs(0))
+    num_tasks = len(named) if per_task else imported["adapter"].num_task_ids
+    apply_peft(model, config, num_tasks=num_tasks, rngs=nnx.Rngs(0))
     _copy_weights(model, list(imported.values()), per_task)
     return model
 

@@ -131,9 +131,14 @@ class LoRADense(nnx.Module):
 
 
 def _build(base: Dense, site: Site, config: PeftConfig) -> LoRADense:
-    return LoRADense(base, rank=config.rank, alpha=config.alpha, dropout_rate=config.dropout,
-                     num_tasks=site.num_tasks, rslora=config.rslora, dora=config.dora,
-                     freeze_a=config.freeze_a, salt=site_salt(site.path), rngs=site.rngs)
+    module = LoRADense(base, rank=config.rank, alpha=config.alpha, dropout_rate=config.dropout,
+                       num_tasks=site.num_tasks, rslora=config.rslora, dora=config.dora,
+                       freeze_a=config.freeze_a, salt=site_salt(site.path), rngs=site.rngs)
+    if config.skills_from:  # MHR-mu: start from a trained Poly/MHR inventory's average
+        from peftjax.routing.poly import init_from_skills  # it imports this package
+
+        init_from_skills(module, site, config)
+    return module
 
 
 SPECS = {"lora": MethodSpec(
