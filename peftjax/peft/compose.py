@@ -4,6 +4,8 @@
 parameter becomes a `FrozenAdapter`: no gradient, no optimizer state, never checkpointed, reloaded
 from the sources on restore). A source must be a shared-mode adapter run on this run's base (same
 architecture and `model.hf_path` or random-init seed), else a ValueError names it and the mismatch.
+Under compose="arrow" a source may also be a `mode="per_task"` LoRA run: it counts as one frozen
+LoRA per task of its mixture (that task's rows of its tables), Arrow's library of task experts.
 
 At every insertion point where a source attaches, the module becomes a composition holding its
 children in order: the sources in `config.peft.sources` order, then the run's own new trainable
@@ -23,6 +25,10 @@ identity at a residual `Hook` (whose output then goes `x + hook(h)` into the res
             AdapterHub's `Average` (output averaging) normalises by default; on a residual hook
             this equals its Σ_i w_i (h + d_i(h)).
   scalearn  y = f(x) + Σ_i ω_i ⊙ d_i(x)           ω trained: see `peftjax.peft.scalearn`.
+  fusion    h' = h + Σ_i α_i(h) d_i(h) W_V        AdapterFusion, attention over the children's
+            outputs, trained: see `peftjax.routing.fusion`.
+  arrow     y = f(x) + Σ_e g_e(x) d_e(x)          zero-shot top-k routing by each LoRA's top
+            singular vector, nothing trained: see `peftjax.routing.arrow`.
 
 Sites where only the new adapter attaches are left as they are (the composition of one child is
 the child), except under ScaLearn, which scales the new adapter's output too.
@@ -41,9 +47,14 @@ from peftjax.models.context import Context
 from peftjax.models.layers import Dense, Hook
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.inject import module_paths, replace_submodule
+from peftjax.peft.lora import LoRADense
 from peftjax.peft.runs import check_fits, freeze, load_trained, read_config
+from peftjax.peft.variables import FrozenAdapter
 
 RULES = ("stack", "parallel", "average", "scalearn", "fusion", "molora", "arrow")
+# Rules whose library is LoRA experts only, where a per-task LoRA source counts as one expert per
+# task it trained on.
+LORA_LIBRARY = ("arrow",)
 
 # Rules whose site module another module builds, as "module:function". Each builder is called as
 # `build(children, index, *, path, base, width, out_axis, config, num_children, num_tasks,
@@ -68,6 +79,8 @@ class Source:
     name: str  # its workdir
     method: str
     modules: dict[str, nnx.Module]
+    # A per-task run's tasks: {task name: row of its per-task tables}; empty for a shared run.
+    tasks: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Composition(nnx.Module):
@@ -101,11 +114,14 @@ class Composition(nnx.Module):
         return out + self.mix([a.delta(x_btd, ctx) for a in self.adapters], x_btd, ctx)
 
 
-def load_source(workdir: str, model_config, base: str, *, load=load_trained) -> Source:
+def load_source(workdir: str, model_config, base: str, *, load=load_trained,
+                rule: str = "none") -> Source:
     """A trained run's adapters, frozen, after checking that they fit this base.
 
     `load(workdir, run_config) -> (experiment, model)`: `runs.load_trained`, or a shapes-only
-    rebuild (`peftjax.train.accounting`, which reads no checkpoint)."""
+    rebuild (`peftjax.train.accounting`, which reads no checkpoint). `rule`: the composition
+    that reads it; under a `LORA_LIBRARY` rule the run must be LoRA, and may be per task (then
+    `Source.tasks` lists its tasks: split it with `task_experts`)."""
     run_config = read_config(workdir, "sources")
     check_fits(workdir, run_config, model_config, key="sources", base=base)
     peft = run_config.peft
@@ -115,9 +131,17 @@ def load_source(workdir: str, model_config, base: str, *, load=load_trained) -> 
         raise ValueError(f"{fix}: it has no adapter to compose. Sources are adapter runs (lora, "
                          "houlsby, pfeiffer, sparse, ...); a full fine-tuning run is the first "
                          "pass of method='sparse'.")
-    if peft.mode != "shared":
+    library = rule in LORA_LIBRARY
+    if library and (peft.method != "lora" or peft.dora):
+        raise ValueError(f"{fix}{', dora=True' if peft.dora else ''}; compose={rule!r} routes "
+                         "over plain LoRA experts (method='lora', dora=False) only. List LoRA "
+                         "runs in config.peft.sources, or compose these adapters with "
+                         "config.peft.compose='fusion' / 'average'.")
+    if peft.mode != "shared" and not library:
         raise ValueError(f"{fix}; a source must be one shared adapter. Train one run per source "
-                         "task with config.peft.mode='shared' (config.data.mixture=<that task>).")
+                         "task with config.peft.mode='shared' (config.data.mixture=<that task>). "
+                         f"(Only compose={' / '.join(LORA_LIBRARY)} reads a per-task LoRA "
+                         "run, as one expert per task.)")
     if peft.get("compose", "none") != "none":
         raise ValueError(f"{fix}; compositions do not nest: list its own sources instead.")
     exp, model = load(workdir, run_config)
@@ -130,7 +154,39 @@ def load_source(workdir: str, model_config, base: str, *, load=load_trained) -> 
                              "an update to a projection or the residual stream (lora, houlsby, "
                              "pfeiffer, sparse, ...).")
         freeze(module)
-    return Source(workdir, peft.method, modules)
+    tasks = {}
+    if peft.mode != "shared":
+        from peftjax.train.experiment import resolve_tasks  # it imports this module
+
+        tasks = resolve_tasks(run_config)[1]  # {task: id}; per-task tables have a row per id
+    return Source(workdir, peft.method, modules, tasks)
+
+
+def task_experts(source: Source) -> list[Source]:
+    """A per-task LoRA source as one shared, frozen LoRA source per task it trained on (in its
+    mixture's order), named `"<workdir>[<task>]"`; a shared source as itself."""
+    if not source.tasks:
+        return [source]
+    return [Source(f"{source.name}[{task}]", source.method,
+                   {path: lora_task_view(module, row) for path, module in source.modules.items()})
+            for task, row in source.tasks.items()]
+
+
+def lora_task_view(lora: LoRADense, row: int) -> LoRADense:
+    """A shared LoRA on the same frozen base holding row `row` of a per-task LoRA's factors
+    (frozen), with its scale, dropout and salt."""
+    if not isinstance(lora, LoRADense) or lora.lora_a.value.ndim != 3:
+        raise ValueError(f"A per-task LoRA source should hold per-task LoRADense modules, got a "
+                         f"{type(lora).__name__}; retrain it with config.peft.method='lora'.")
+    view = LoRADense(lora.base, rank=lora.lora_a.value.shape[-1], alpha=1.0,
+                     dropout_rate=lora.dropout_rate, salt=lora.salt, rngs=nnx.Rngs(0))
+    for name in ("lora_a", "lora_b"):
+        variable = getattr(lora, name)
+        meta = dict(variable.get_metadata())
+        meta["axes"] = tuple(meta.get("axes") or ())[1:]  # drop the leading `tasks` axis
+        setattr(view, name, FrozenAdapter(variable.value[row], **meta))
+    view.scale = lora.scale
+    return view
 
 
 def compose_sources(model: nnx.Module, config: PeftConfig, adapted: list[str], *, base: str,
@@ -149,7 +205,8 @@ def compose_sources(model: nnx.Module, config: PeftConfig, adapted: list[str], *
         raise ValueError(f"config.peft.compose={config.compose!r} combines trained adapters: set "
                          "config.peft.sources to their runs' workdirs, e.g. "
                          "--config.peft.sources=\"('runs/a', 'runs/b')\".")
-    sources = [load_source(workdir, model.config, base, load=load) for workdir in config.sources]
+    sources = [expert for workdir in config.sources for expert in task_experts(
+        load_source(workdir, model.config, base, load=load, rule=config.compose))]
     return attach(model, config, sources, adapted, num_tasks=num_tasks, rngs=rngs)
 
 

@@ -169,6 +169,9 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         if done % config.train.checkpoint_every == 0 or done == total_steps:
             ckpt.save(done, _checkpointed(state, exp), _meta(exp, done))
     progress.close()
+    if existing is None and start >= total_steps:  # a zero-step run (Arrow): nothing trained,
+        # but `peftjax eval` / export restore from a checkpoint, so write the initial state.
+        ckpt.save(start, _checkpointed(state, exp), _meta(exp, start))
     means = run_eval(total_steps, state.trainable)
     ckpt.wait()
     writer.flush()
