@@ -4,6 +4,7 @@
     peftjax eval  --config configs/quickstart.py --workdir runs/qs
     peftjax params --config configs/quickstart.py --config.model.size=xxl  # counts only
     peftjax export-peft --workdir runs/qs --out runs/qs/hf_peft  # HF peft adapter dirs
+    peftjax routing --workdir runs/poly --out runs/poly/routing.npz  # every router's weights
 
 `--config` takes an ml-collections config file (optionally `file.py:arg`); any key can be
 overridden with `--config.section.key=value`.
@@ -24,14 +25,18 @@ from ml_collections import config_flags  # noqa: E402
 COMMANDS = {"train": "train adapters (resumes from the workdir's latest checkpoint)",
             "eval": "evaluate the trained adapters and the frozen base on every task",
             "params": "print parameter counts as one JSON line (shapes only; no --workdir)",
-            "export-peft": "write the trained adapters as HF peft directories (--out DIR)"}
+            "export-peft": "write the trained adapters as HF peft directories (--out DIR)",
+            "routing": "write every router's weights as one .npz (--out FILE.npz)"}
 USAGE = ("usage: peftjax {" + ",".join(COMMANDS) + "} --config CONFIG.py[:ARG] --workdir DIR "
          "[--config.key=value ...]\n" + "\n".join(f"  {c:11s} {h}" for c, h in COMMANDS.items()))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.")
-_OUT = flags.DEFINE_string("out", None, "export-peft: where to write the HF peft adapter(s).")
+_OUT = flags.DEFINE_string("out", None, "export-peft: where to write the HF peft adapter(s); "
+                           "routing: the .npz file to write.")
+_EXAMPLES = flags.DEFINE_integer("examples", 8, "routing: eval examples per task that token "
+                                 "routers are run on.")
 
 
 class UserError(Exception):
@@ -48,7 +53,7 @@ def _run(command: str) -> None:
 
     if _WORKDIR.value is None and command != "params":
         raise UserError("--workdir is required.")
-    if _CONFIG.value is None and command != "export-peft":  # export-peft: DIR/config.json
+    if _CONFIG.value is None and command not in ("export-peft", "routing"):  # DIR/config.json
         raise UserError("--config is required, e.g. --config configs/quickstart.py")
     if _CONFIG.value is not None:
         _make_task_modules_importable(flags.FLAGS["config"].config_filename)
@@ -63,6 +68,8 @@ def _run(command: str) -> None:
             from peftjax.interop.export import export_run
 
             print("\n".join(export_run(_CONFIG.value, _WORKDIR.value, _OUT.value)))
+        elif command == "routing":
+            _routing(_WORKDIR.value, _OUT.value, _EXAMPLES.value)
         else:
             results = evaluate_run(_CONFIG.value, _WORKDIR.value)
             print(format_table(results))
@@ -70,6 +77,20 @@ def _run(command: str) -> None:
     except (ConfigError, CheckpointError, CheckpointMismatchError, FileNotFoundError,
             ImportError, ValueError, KeyError) as e:
         raise UserError(str(e).strip('"')) from e
+
+
+def _routing(workdir: str, out: str | None, examples: int) -> None:
+    from peftjax.analysis.routing import routing_weights, save_npz
+
+    if not out:
+        raise UserError("--out is required: the .npz file to write the routing weights to.")
+    if os.getcwd() not in sys.path:  # the run's config.data.task_modules, as with --config
+        sys.path.insert(0, os.getcwd())
+    weights = routing_weights(workdir, examples=examples)
+    save_npz(weights, out)
+    for name, array in weights.items():
+        print(f"{name} {tuple(array.shape)}")
+    print(f"Wrote {out}")
 
 
 def _make_task_modules_importable(config_file: str) -> None:
