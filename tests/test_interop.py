@@ -255,3 +255,102 @@ def test_export_peft_errors(tmp_path):
     config.peft.method = "houlsby"
     with pytest.raises(PeftInteropError, match="method='houlsby' has no HF peft format"):
         export_run(config, str(tmp_path), str(tmp_path / "o"))
+
+
+# --------------------------------------------------------------------------- library sources
+
+
+LIBRARY_VOCAB = 260  # >= the synthetic suite's vocabulary, so configs/tiny.py runs on this base
+
+
+@pytest.fixture(scope="module")
+def peft_library(tmp_path_factory):
+    """A tiny HF base with the suite's vocabulary and two HF peft LoRAs (random non-zero A, B;
+    different ranks' scale) trained "on it", as a MeteoRA / Arrow library."""
+    root = tmp_path_factory.mktemp("peft_library")
+    helpers.save_hf_t5(root / "base", tie=False, seed=2, vocab_size=LIBRARY_VOCAB, **BASE)
+    dirs = []
+    for i, alpha in enumerate((8, 3)):
+        config = peft.LoraConfig(r=2, lora_alpha=alpha, target_modules=["q", "v"], **SEQ2SEQ)
+        make_adapter(root / "base", root / f"lora{i}", config, seed=20 + i)
+        dirs.append(str(root / f"lora{i}"))
+    return str(root / "base"), dirs
+
+
+def library_config(base, sources, compose="molora"):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.model.hf_path = base
+    config.peft.method = "none"
+    config.peft.compose = compose
+    config.peft.sources = tuple(sources)
+    config.peft.top_k = 2
+    return config
+
+
+def torch_lora_delta(module, x_td):
+    """peft's own LoRA update `s·B A x` of a torch LoRA Linear."""
+    with torch.no_grad():
+        x = torch.tensor(np.asarray(x_td))
+        return (module.lora_B["default"](module.lora_A["default"](x))
+                * module.scaling["default"]).numpy()
+
+
+@pytest.mark.parametrize("compose", ["molora", "arrow"])
+def test_peft_adapter_directories_as_library_sources(peft_library, compose):
+    from flax import nnx
+
+    from peftjax.interop.hf_peft import hf_module_names
+    from peftjax.models.context import Context
+    from peftjax.peft import module_paths
+    from peftjax.train import build
+    from peftjax.train.accounting import count_parameters
+
+    base, dirs = peft_library
+    config = library_config(base, dirs, compose)
+    exp = build(config)
+    model = nnx.merge(exp.graphdef, exp.trainable, exp.frozen)
+    paths = module_paths(model)
+    hf_names = hf_module_names(model.config)
+    refs = [peft.PeftModel.from_pretrained(hf_base(base), d).eval() for d in dirs]
+    sites = sorted(p for p in exp.adapted_paths if p.endswith((".q", ".v")))
+    assert len(sites) == 2 * (BASE["num_layers"] + 2 * BASE["num_decoder_layers"])
+    x_btd = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, BASE["d_model"])),
+                        jnp.float32)
+    ctx = Context(None, None)
+    for path in sites:
+        block = paths[path]
+        assert len(block.adapters) == 2
+        for child, ref in zip(block.adapters, refs, strict=True):
+            assert child.base is block.base  # the run's own frozen kernel, not a second copy
+            torch_module = ref.get_submodule(f"base_model.model.{hf_names[path]}")
+            want = torch_lora_delta(torch_module, x_btd)
+            assert np.max(np.abs(want)) > 1e-2  # the adapter matters
+            np.testing.assert_allclose(np.asarray(child.delta(x_btd, ctx)), want, atol=TOL,
+                                       rtol=TOL)
+    trained = {str(path[-1]) for path, _ in nnx.to_flat_state(exp.trainable)}
+    assert trained == ({"router_kernel"} if compose == "molora" else set())
+    # The shapes-only count (`peftjax params`) imports the adapters onto a base from shapes.
+    counts, ours = count_parameters(config), exp.parameter_counts()
+    for key in ("trainable", "frozen_adapter", "base"):
+        assert counts[key] == ours[key], key
+
+
+def test_peft_source_for_another_base_or_a_random_init_run_is_refused(peft_library, tmp_path):
+    from peftjax.train import build
+
+    base, dirs = peft_library
+    wider = save_hf_t5(tmp_path / "wider", **{**BASE, "d_model": 20})
+    make_adapter(wider, tmp_path / "wide_lora", peft.LoraConfig(
+        r=2, target_modules=["q"], **SEQ2SEQ), seed=9)
+    with pytest.raises(PeftInteropError) as err:
+        build(library_config(base, [dirs[0], str(tmp_path / "wide_lora")]))
+    message = str(err.value)
+    assert message.startswith(f"config.peft.sources: {tmp_path / 'wide_lora'}: ")
+    assert "shape (2, 20)" in message and "needs (2, 16)" in message
+    config = library_config(base, dirs)
+    config.model.hf_path = ""
+    with pytest.raises(ValueError, match=r"config.peft.sources: .*lora0 is an HF peft adapter "
+                                         r"directory, .*random init.*needs config.model.hf_path"):
+        build(config)

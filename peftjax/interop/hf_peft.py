@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -368,12 +369,16 @@ def _without_base_copies(adapter: HFAdapter, model: T5) -> HFAdapter:
             kept[key] = value
             continue
         ours, transpose = base[name]
-        weight = np.asarray(flat[ours].value, np.float32)
-        weight = weight.T if transpose else weight
-        if weight.shape != value.shape or not np.allclose(weight, value, rtol=1e-5, atol=1e-6):
+        weight = flat[ours].value
+        shape = tuple(weight.shape[::-1] if transpose else weight.shape)
+        same = shape == value.shape
+        if same and not isinstance(weight, jax.core.Tracer):  # a tracer: shapes-only accounting
+            weight = np.asarray(weight, np.float32)
+            same = np.allclose(weight.T if transpose else weight, value, rtol=1e-5, atol=1e-6)
+        if not same:
             raise PeftInteropError(
                 f"{adapter.path!r} carries its own {name!r} (shape {value.shape}) that differs "
-                f"from this base's (shape {weight.shape}): the adapter was made for another base "
+                f"from this base's (shape {shape}): the adapter was made for another base "
                 "model, or it changes base weights (resized or trained embeddings, "
                 f"modules_to_save), which peftjax cannot express. {_base_hint(adapter)}")
     return dataclasses.replace(adapter, tensors=kept)
@@ -473,6 +478,22 @@ def load_peft(base_hf_dir: str, adapters: str | os.PathLike | Mapping[str, str],
     apply_peft(model, config, num_tasks=num_tasks, rngs=nnx.Rngs(0))
     _copy_weights(model, list(imported.values()), per_task)
     return model
+
+
+def attach_adapter(model: T5, adapter_dir: str | os.PathLike) -> tuple[PeftConfig, list[str]]:
+    """Attach one HF peft adapter directory to the bare base `model`, in place, weights copied
+    in: `load_peft` on a base already built (e.g. from shapes alone, under `nnx.eval_shape`).
+
+    Returns the `PeftConfig` it attached and the adapted paths (`module_paths(model)[path]` is
+    the adapter module there). A Poly / MHR adapter (method "poly" / "mhr") routes by task id.
+    """
+    with jax.ensure_compile_time_eval():  # concrete (numpy) tensors even under eval_shape
+        adapter = read_adapter(adapter_dir)
+    imported = import_adapter(adapter, model)
+    config = _common_config({"adapter": imported}, False, sorted(hf_module_names(model.config)))
+    adapted = apply_peft(model, config, num_tasks=imported.num_task_ids, rngs=nnx.Rngs(0))
+    _copy_weights(model, [imported], False)
+    return config, adapted
 
 
 # --------------------------------------------------------------------------- save

@@ -1,11 +1,15 @@
 """Composition blocks: trained runs' adapters, frozen, combined with (or without) a new one.
 
-`config.peft.sources` lists workdirs of trained runs; their adapters are loaded frozen (every
-parameter becomes a `FrozenAdapter`: no gradient, no optimizer state, never checkpointed, reloaded
-from the sources on restore). A source must be a shared-mode adapter run on this run's base (same
-architecture and `model.hf_path` or random-init seed), else a ValueError names it and the mismatch.
-Under compose="arrow" a source may also be a `mode="per_task"` LoRA run: it counts as one frozen
-LoRA per task of its mixture (that task's rows of its tables), Arrow's library of task experts.
+`config.peft.sources` lists workdirs of trained runs or HF peft adapter directories; their
+adapters are loaded frozen (every parameter becomes a `FrozenAdapter`: no gradient, no optimizer
+state, never checkpointed, reloaded from the sources on restore). A run source must be a
+shared-mode adapter run on this run's base (same architecture and `model.hf_path` or random-init
+seed), else a ValueError names it and the mismatch. Under compose="arrow" a source may also be a
+`mode="per_task"` LoRA run: it counts as one frozen LoRA per task of its mixture (that task's rows
+of its tables), Arrow's library of task experts. An HF peft directory (`adapter_config.json`, no
+`config.json`; LoRA or DoRA) is imported onto this run's HF base (`config.model.hf_path`)
+as `peftjax.interop.load_peft` does, so a MoLoRA / Arrow library can be made of LoRAs trained
+with HF peft; an adapter whose shapes do not fit the base is a `PeftInteropError` naming them.
 
 At every insertion point where a source attaches, the module becomes a composition holding its
 children in order: the sources in `config.peft.sources` order, then the run's own new trainable
@@ -39,12 +43,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 
 import jax
 from flax import nnx
 
 from peftjax.models.context import Context
 from peftjax.models.layers import Dense, Hook
+from peftjax.models.t5 import T5
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.inject import module_paths, replace_submodule
 from peftjax.peft.lora import LoRADense
@@ -121,7 +127,11 @@ def load_source(workdir: str, model_config, base: str, *, load=load_trained,
     `load(workdir, run_config) -> (experiment, model)`: `runs.load_trained`, or a shapes-only
     rebuild (`peftjax.train.accounting`, which reads no checkpoint). `rule`: the composition
     that reads it; under a `LORA_LIBRARY` rule the run must be LoRA, and may be per task (then
-    `Source.tasks` lists its tasks: split it with `task_experts`)."""
+    `Source.tasks` lists its tasks: split it with `task_experts`). An HF peft adapter directory
+    is read by `load_peft_source` instead (shapes-only when `load` is not `load_trained`)."""
+    if is_peft_dir(workdir):
+        return load_peft_source(workdir, model_config, base, rule=rule,
+                                shapes_only=load is not load_trained)
     run_config = read_config(workdir, "sources")
     check_fits(workdir, run_config, model_config, key="sources", base=base)
     peft = run_config.peft
@@ -160,6 +170,57 @@ def load_source(workdir: str, model_config, base: str, *, load=load_trained,
 
         tasks = resolve_tasks(run_config)[1]  # {task: id}; per-task tables have a row per id
     return Source(workdir, peft.method, modules, tasks)
+
+
+def is_peft_dir(path: str) -> bool:
+    """Whether `path` is an HF peft adapter directory: adapter_config.json, no run config.json."""
+    return (os.path.isfile(os.path.join(path, "adapter_config.json"))
+            and not os.path.isfile(os.path.join(path, "config.json")))
+
+
+def load_peft_source(adapter_dir: str, model_config, base: str, *, rule: str = "none",
+                     shapes_only: bool = False) -> Source:
+    """An HF peft adapter directory as a source: imported onto this run's base, frozen.
+
+    `base`: this run's base identity (`runs.base_identity`), which must be an HF checkpoint. The
+    adapter is attached to a second copy of the base (`interop.hf_peft.attach_adapter`), read
+    from `base` again, or, with `shapes_only`, built from `model_config` (free under the
+    accounting's `nnx.eval_shape`; the adapter itself is still read). Its modules hold that
+    copy's kernels at the sites they adapt until `attach` gives every child the run's own base.
+    """
+    where = f"config.peft.sources: {adapter_dir}"
+    if base.startswith("random init"):
+        raise ValueError(f"{where} is an HF peft adapter directory, but this run's base is a "
+                         f"{base}: a peft adapter source needs config.model.hf_path set to the "
+                         "base it was trained on.")
+    from peftjax.interop.hf_peft import PeftInteropError, attach_adapter  # it imports peftjax.peft
+    from peftjax.models.hf import from_hf
+
+    donor = (T5(model_config, rngs=nnx.Rngs(0)) if shapes_only else
+             from_hf(base, dtype=model_config.dtype, dropout_rate=model_config.dropout_rate))
+    try:
+        peft, adapted = attach_adapter(donor, adapter_dir)
+    except PeftInteropError as err:
+        raise PeftInteropError(f"{where}: {err}") from err
+    fix = f"{where} is an HF peft {peft.method} adapter"
+    if peft.method in ("poly", "mhr"):
+        raise ValueError(f"{fix}, which routes tasks itself (task ids index its router), so it "
+                         "is no library entry; load it alone with peftjax.interop.load_peft, or "
+                         "list LoRA adapters in config.peft.sources.")
+    if rule in LORA_LIBRARY and (peft.method != "lora" or peft.dora):
+        raise ValueError(f"{fix}{' (DoRA)' if peft.dora else ''}; compose={rule!r} routes over "
+                         "plain LoRA experts only. List HF peft LoRA adapters (use_dora=False) "
+                         "in config.peft.sources, or compose these with config.peft.compose="
+                         "'fusion' / 'average'.")
+    paths = module_paths(donor)
+    modules = {path: paths[path] for path in adapted}
+    for path, module in modules.items():
+        if not callable(getattr(module, "delta", None)):
+            raise ValueError(f"{fix}: its {type(module).__name__} at {path} has no "
+                             "delta(x, ctx), so it cannot be composed. Compose adapters that "
+                             "add an update to a projection (LoRA, DoRA).")
+        freeze(module)
+    return Source(adapter_dir, peft.method, modules)
 
 
 def task_experts(source: Source) -> list[Source]:

@@ -54,7 +54,7 @@ class PeftConfig:
     sparse_mask_from: str = ""  # workdir of a first-pass run (method=full) to pick the mask from
     # Composition over frozen source adapters
     compose: str = "none"  # none | stack | parallel | average | scalearn
-    sources: tuple[str, ...] = ()  # workdirs of trained runs whose adapters are composed
+    sources: tuple[str, ...] = ()  # trained runs (workdirs) or HF peft adapter dirs to compose
     compose_weights: tuple[float, ...] = ()  # `average`: weights (default uniform)
     scalearn_form: str = "vector"  # vector | scalar | vector_shared | scalar_shared
     # Task routing over a skill inventory (poly, mhr)
