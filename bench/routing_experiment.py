@@ -130,8 +130,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def markdown(trained: list[dict], correlations: dict[str, float], heldout: list[tuple[str, dict]],
-             command: str) -> str:
+def markdown(trained: list[dict], correlations: dict[str, tuple[float, float]],
+             heldout: list[tuple[str, dict]], command: str, seen_line: str) -> str:
     def rho(name: str) -> list[str]:
         if name not in correlations:
             return ["", ""]
@@ -171,6 +171,8 @@ def markdown(trained: list[dict], correlations: dict[str, float], heldout: list[
         "Zero-shot on the held-out tasks (never trained on; EM / token accuracy per task):",
         "",
         *table(["method", *(t.removeprefix("synthetic_") for t in tasks)], zero_shot),
+        "",
+        seen_line,
         END,
     ]
     return "\n".join(lines)
@@ -199,6 +201,10 @@ def main() -> None:
     arrow = arrow_entry("arrow", library, args.runs, args.resume)
     average = arrow_entry("library average", library, args.runs, args.resume,
                           "--config.peft.top_k=8", "--config.peft.arrow_temperature=1e6")
+    # The routing's sanity check: on the tasks the library was trained on, does Arrow find
+    # (roughly) each task's own LoRA?
+    seen = arrow_entry("arrow on seen tasks", library, args.runs, args.resume,
+                       "--config.data.mixture=synthetic_suite")
     shared = heldout_eval(SHARED, "configs/lora.py", (), workdir[SHARED], args.runs, args.resume)
     heldout = [("arrow over the per-task LoRAs (top-2)", arrow["metrics"]),
                ("uniform average of the same library", average["metrics"]),
@@ -208,8 +214,13 @@ def main() -> None:
                           "acc": round(mean(metrics["adapted"], "token_accuracy"), 4)}),
               flush=True)
     command = "python bench/routing_experiment.py " + " ".join(sys.argv[1:])
+    seen_line = (f"Arrow over the same library on the 8 suite tasks it was built from: EM "
+                 f"{mean(seen['metrics']['adapted'], 'exact_match'):.3f}, token accuracy "
+                 f"{mean(seen['metrics']['adapted'], 'token_accuracy'):.3f} (the per-task LoRAs "
+                 f"picked by task id: EM "
+                 f"{mean(results[LIBRARY]['metrics']['adapted'], 'exact_match'):.3f}).")
     section = markdown([results[n] for n, _, _ in TRAINED] + [results[SHARED]], correlations,
-                       heldout, command.strip())
+                       heldout, command.strip(), seen_line)
     if args.no_write:
         print(section)
     else:

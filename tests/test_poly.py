@@ -199,7 +199,9 @@ def tiny_config(**peft):
     return config
 
 
-MHR = dict(method="mhr", rank=2, num_skills=3, num_splits=4, targets=r".*attention\.q")
+# alpha 3: the inventory's scale (3 / 2) differs from peft's 1/r and from the MHR-mu LoRA's.
+MHR = dict(method="mhr", rank=2, alpha=3.0, num_skills=3, num_splits=4,
+           targets=r".*attention\.q")
 
 
 def save_run(workdir, config, *, scale=0.1, seed=0, step=5):
@@ -312,7 +314,7 @@ def test_mhr_mu_lora_starts_at_the_uniformly_routed_inventory(mhr_run):
         a, b = (f64(saved[f"{path.replace('.', '/')}/{n}"]) for n in ("poly_a", "poly_b"))
         a_ir = np.concatenate(list(a.mean(1)), axis=0)  # heads stacked along d_in
         b_ro = np.concatenate(list(b.mean(1)), axis=1)  # and side by side along d_out
-        expected = f64(x) @ a_ir @ b_ro / 2
+        expected = f64(x) @ a_ir @ b_ro * MHR["alpha"] / MHR["rank"]
         ours = np.asarray(lora.delta(jnp.asarray(x), Context()))
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="rank=2, this run rank=4"):

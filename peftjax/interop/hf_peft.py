@@ -344,7 +344,7 @@ def _import_poly(adapter: HFAdapter, model: T5) -> Imported:
                          "router_logits": parts["poly_router.module_logits"].reshape(
                              tasks, splits, skills)}
     config = dict(method="mhr" if splits > 1 else "poly", rank=r, num_skills=skills,
-                  num_splits=splits)
+                  num_splits=splits, alpha=1.0)  # peft's poly scale is 1/r
     return Imported(config, weights, num_task_ids=tasks)
 
 

@@ -14,7 +14,10 @@ skills' head j. `method="mhr"` is the same module as `"poly"`; the heads come fr
 `config.peft.num_splits` (MHR with num_splits=1 is Poly). Both follow HF peft's `poly` tuner
 (`peft.tuners.poly`): the same layouts (`poly_a` `[h, K, d_in/h, r]`, `poly_b` `[h, K, r,
 d_out/h]`; head j covers the j-th contiguous block of inputs / outputs), init (each A block
-Kaiming-uniform with fan_in = d_in/h, B zeros, logits U(-1e-3, 1e-3)) and scale 1/r.
+Kaiming-uniform with fan_in = d_in/h, B zeros, logits U(-1e-3, 1e-3)) and scale 1/r, except
+that the scale is `config.peft.alpha / r` as for LoRA: peft's poly is alpha = 1 (what imported
+peft adapters get), while the suite's LoRA runs at alpha = 16, and at alpha = 1 the same learning
+rate moves a Poly update ~16x less than that LoRA's (measured: bench/RESULTS.md).
 
 Variants (config.peft):
   * `router="uniform"`: no logits; every skill weighs 1/K (the inventory's average, mu-routing).
@@ -125,12 +128,12 @@ class PolyLoRADense(nnx.Module):
       Both `Adapter` (or `FrozenAdapter` under MHR-z).
     `router_logits` `[tasks, splits, skills]` (`Router`), U(-1e-3, 1e-3); None with
       `router="uniform"` (weights 1/K, no task ids needed).
-    `scale`: 1/r, as peft.
+    `scale`: alpha / r (peft's poly: alpha = 1).
     """
 
     def __init__(self, base: Dense, *, rank: int, num_skills: int, num_splits: int = 1,
                  num_tasks: int | None, router: str = "learned", temperature: float = 1.0,
-                 path: str = "", rngs: nnx.Rngs):
+                 alpha: float = 1.0, path: str = "", rngs: nnx.Rngs):
         if rank <= 0 or num_skills <= 0 or num_splits <= 0:
             raise ValueError(f"Poly needs positive config.peft.rank / num_skills / num_splits, "
                              f"got {rank} / {num_skills} / {num_splits}.")
@@ -155,7 +158,7 @@ class PolyLoRADense(nnx.Module):
         self.num_tasks = num_tasks
         self.num_skills, self.num_splits, self.rank = num_skills, num_splits, rank
         self.temperature = temperature
-        self.scale = 1.0 / rank
+        self.scale = alpha / rank
         self.salt = site_salt(path)
 
     # ---- routing
@@ -245,9 +248,10 @@ def _target_paths(site: Site, config: PeftConfig) -> list[str]:
 
 
 def load_inventory(workdir: str, site: Site, config: PeftConfig, *,
-                   with_weights: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """`{path: (poly_a, poly_b)}` of the trained poly/mhr run in `workdir`, after checking that it
-    fits this run: same base, same targets and rank, and for MHR-z the same skills and splits.
+                   with_weights: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """`{path: (poly_a, poly_b, scale)}` of the trained poly/mhr run in `workdir`, after checking
+    that it fits this run: same base, same targets and rank, and for MHR-z the same skills and
+    splits.
     `with_weights=False` checks the config only and returns `{}` (shape-only builds)."""
     run_config = read_config(workdir, KEY)
     theirs = run_config.peft
@@ -278,7 +282,8 @@ def load_inventory(workdir: str, site: Site, config: PeftConfig, *,
             f"({theirs.targets or 'its method default'!r}).")
     modules = module_paths(trained)
     return {p: (np.asarray(jax.device_get(modules[p].poly_a.value)),
-                np.asarray(jax.device_get(modules[p].poly_b.value))) for p in ours}
+                np.asarray(jax.device_get(modules[p].poly_b.value)), float(modules[p].scale))
+            for p in ours}
 
 
 def _inventory(site: Site, config: PeftConfig, abstract: bool) -> dict:
@@ -293,7 +298,7 @@ def init_from_skills(lora, site: Site, config: PeftConfig) -> None:
     """MHR-mu: set a fresh `LoRADense` (in place) to the uniformly routed inventory of the poly/mhr
     run `config.skills_from`, so it computes exactly that run's mu-routed delta.
 
-    Poly's scale is 1/r and LoRA's `lora.scale` (alpha/r): `lora_b` carries their ratio. With
+    The inventory's scale and LoRA's `lora.scale` may differ: `lora_b` carries their ratio. With
     DoRA the magnitude is re-set to the column norms, so DoRA also starts at that delta. A
     per-task LoRA starts every task from the same average.
     """
@@ -302,8 +307,9 @@ def init_from_skills(lora, site: Site, config: PeftConfig) -> None:
     inventory = _inventory(site, config, _is_abstract(lora.base))
     if not inventory:
         return
-    a_ir, b_ro = skill_average(*(jnp.asarray(v) for v in inventory[site.path]))
-    b_ro = b_ro * ((1.0 / a_ir.shape[-1]) / lora.scale)
+    poly_a, poly_b, poly_scale = inventory[site.path]
+    a_ir, b_ro = skill_average(jnp.asarray(poly_a), jnp.asarray(poly_b))
+    b_ro = b_ro * (poly_scale / lora.scale)
     lead = lora.lora_a.value.shape[:-2]
     lora.lora_a.value = jnp.broadcast_to(a_ir, (*lead, *a_ir.shape)).astype(jnp.float32)
     lora.lora_b.value = jnp.broadcast_to(b_ro, (*lead, *b_ro.shape)).astype(jnp.float32)
@@ -324,12 +330,13 @@ def _build(base: Dense, site: Site, config: PeftConfig) -> PolyLoRADense:
                          "nothing to train (frozen inventory, no router). Use router='learned' "
                          "(MHR-z), or method=lora with skills_from (MHR-mu).")
     module = PolyLoRADense(base, rank=config.rank, num_skills=config.num_skills,
-                           num_splits=config.num_splits, num_tasks=site.num_task_ids,
+                                   num_splits=config.num_splits, num_tasks=site.num_task_ids,
                            router=config.router, temperature=config.router_temperature,
-                           path=site.path, rngs=site.rngs)
+                           alpha=config.alpha, path=site.path, rngs=site.rngs)
     if config.skills_from:  # MHR-z: the trained inventory, frozen; the fresh router trains
         inventory = _inventory(site, config, _is_abstract(base))
-        a, b = inventory.get(site.path, (module.poly_a.value, module.poly_b.value))
+        a, b, module.scale = inventory.get(
+            site.path, (module.poly_a.value, module.poly_b.value, module.scale))
         module.poly_a = FrozenAdapter(jnp.asarray(a, jnp.float32),
                                       **module.poly_a.get_metadata())
         module.poly_b = FrozenAdapter(jnp.asarray(b, jnp.float32),
