@@ -1,4 +1,5 @@
-"""What several test files share: running the CLI as users do, and random HF T5 checkpoints."""
+"""What several test files share: running the CLI as users do, random HF T5 checkpoints, tiny
+run configs, and "trained" runs saved without training."""
 
 import json
 import os
@@ -44,3 +45,48 @@ def save_hf_t5(path, *, tie: bool, seed: int = 0, vocab_size: int = 97, **fields
         with open(config_file, "w") as f:
             json.dump(cfg, f)
     return transformers.T5ForConditionalGeneration.from_pretrained(path).eval()
+
+
+def host(tree):
+    """A numpy copy of a pytree of (device) arrays."""
+    import jax
+    import numpy as np
+
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def tiny_config(**changes):
+    """`configs/tiny.py` with `section__key=value` changes (a bare `key` sets a top-level key)."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    for dotted, value in changes.items():
+        section, _, key = dotted.rpartition("__")
+        (config[section] if section else config)[key] = value
+    return config
+
+
+def save_run(workdir, config, *, scale=0.1, seed=0, step=5):
+    """A "trained" run: the built run's trainables + seeded noise (so B != 0), saved as `peftjax
+    train` saves them. Returns (experiment, host copy of the saved trainables)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from peftjax.checkpoint import Checkpoints
+    from peftjax.train import build
+    from peftjax.train import loop as train_loop
+    from peftjax.train.step import TrainState
+
+    exp = build(config)
+    rng = np.random.default_rng(seed)
+    trainable = jax.tree.map(
+        lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype), exp.trainable)
+    _, state = train_loop._fresh_state(exp, config)
+    state = TrainState(state.step + step, trainable, state.opt_state)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"))
+    ckpt.save(step, train_loop._checkpointed(state, exp), train_loop._meta(exp, step))
+    ckpt.wait()
+    train_loop._write_config(config, str(workdir), resumed_at=None)
+    return exp, host(trainable)

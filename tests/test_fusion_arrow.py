@@ -18,7 +18,7 @@ from flax import nnx
 from configs import arrow as arrow_config
 from configs import fusion as fusion_config
 from configs import lora as lora_config
-from configs import source_adapter, tiny
+from configs import source_adapter
 from peftjax.checkpoint import Checkpoints
 from peftjax.data import task_id_of, task_names
 from peftjax.models import T5, Context, preset
@@ -34,8 +34,7 @@ from peftjax.routing.fusion import REG_COEF, Fusion
 from peftjax.routing.record import capture
 from peftjax.train import build
 from peftjax.train import loop as train_loop
-from peftjax.train.step import TrainState
-from tests.helpers import run_peftjax
+from tests.helpers import run_peftjax, save_run, tiny_config
 
 RNG = np.random.default_rng(0)
 FFN = "encoder.layers.1.post_ffn"
@@ -305,37 +304,12 @@ def test_arrow_refuses_what_it_cannot_route():
 # ------------------------------------------------------ libraries from trained runs --
 
 
-def save_run(workdir, config, *, scale=0.1, seed=0):
-    """A "trained" run: the built run's trainables + noise (non-zero B), saved as `peftjax
-    train` saves them."""
-    exp = build(config)
-    rng = np.random.default_rng(seed)
-    trainable = jax.tree.map(
-        lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype), exp.trainable)
-    _, state = train_loop._fresh_state(exp, config)
-    state = TrainState(state.step + 2, trainable, state.opt_state)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"))
-    ckpt.save(2, train_loop._checkpointed(state, exp), train_loop._meta(exp, 2))
-    ckpt.wait()
-    train_loop._write_config(config, str(workdir), resumed_at=None)
-    return jax.tree.map(np.asarray, jax.device_get(trainable))
-
-
-def tiny_config(**changes):
-    config = tiny.get_config()
-    for dotted, value in changes.items():
-        section, _, key = dotted.rpartition("__")
-        (config[section] if section else config)[key] = value
-    return config
-
-
 @pytest.fixture(scope="module")
 def per_task_lora(tmp_path_factory):
     """A per-task LoRA run on the tiny base (q and v of every attention), suite mixture."""
     workdir = str(tmp_path_factory.mktemp("lora_per_task"))
-    trained = save_run(workdir, tiny_config(peft__method="lora", peft__mode="per_task",
-                                            peft__rank=4))
+    config = tiny_config(peft__method="lora", peft__mode="per_task", peft__rank=4)
+    _, trained = save_run(workdir, config, step=2)
     return workdir, trained
 
 

@@ -3,7 +3,6 @@ relaxed-Bernoulli training weights, per-token ids, bad task ids, MHR-z / MHR-mu 
 the 4-device build, and HF peft POLY adapters loaded against the real peft (torch).
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ from flax import nnx
 from configs import mhr as mhr_config
 from configs import poly as poly_config
 from configs import tiny
-from peftjax.checkpoint import Checkpoints
 from peftjax.models import Context
 from peftjax.models.context import site_salt
 from peftjax.models.layers import Dense
@@ -25,9 +23,8 @@ from peftjax.peft.variables import Router, trainable_filter
 from peftjax.routing import capture
 from peftjax.routing.poly import PolyLoRADense
 from peftjax.train import build
-from peftjax.train import loop as train_loop
 from peftjax.train.accounting import count_parameters
-from peftjax.train.step import TrainState
+from tests.helpers import save_run
 
 RNG = np.random.default_rng(0)
 PATH = "encoder.layers.0.self_attention.q"
@@ -35,10 +32,6 @@ PATH = "encoder.layers.0.self_attention.q"
 
 def f64(x):
     return np.asarray(x, dtype=np.float64)
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 def flat(state):
@@ -202,22 +195,6 @@ def tiny_config(**peft):
 # alpha 3: the inventory's scale (3 / 2) differs from peft's 1/r and from the MHR-mu LoRA's.
 MHR = dict(method="mhr", rank=2, alpha=3.0, num_skills=3, num_splits=4,
            targets=r".*attention\.q")
-
-
-def save_run(workdir, config, *, scale=0.1, seed=0, step=5):
-    """A "trained" run: the built run's trainables + noise, saved as `peftjax train` saves."""
-    exp = build(config)
-    rng = np.random.default_rng(seed)
-    trainable = jax.tree.map(
-        lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype), exp.trainable)
-    _, state = train_loop._fresh_state(exp, config)
-    state = TrainState(state.step + step, trainable, state.opt_state)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"))
-    ckpt.save(step, train_loop._checkpointed(state, exp), train_loop._meta(exp, step))
-    ckpt.wait()
-    train_loop._write_config(config, str(workdir), resumed_at=None)
-    return exp, host(trainable)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import average, scalearn, source_adapter, sparse, stack, tiny
+from configs import average, scalearn, source_adapter, sparse, stack
 from configs import full as full_config
-from peftjax.checkpoint import Checkpoints
 from peftjax.models import T5, Context, preset
 from peftjax.models.layers import Dense
 from peftjax.peft import Adapter, FrozenAdapter, PeftConfig, apply_peft, module_paths
@@ -34,7 +33,7 @@ from peftjax.peft.sparse import (
 from peftjax.train import build
 from peftjax.train import loop as train_loop
 from peftjax.train.experiment import build_base_model
-from peftjax.train.step import TrainState
+from tests.helpers import host, save_run, tiny_config
 
 RNG = np.random.default_rng(0)
 
@@ -43,37 +42,9 @@ def f64(x):
     return np.asarray(x, dtype=np.float64)
 
 
-def host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
 def randomize(*variables, scale=1.0):
     for v in variables:
         v.value = jnp.asarray(scale * RNG.normal(size=v.value.shape), jnp.float32)
-
-
-def tiny_config(**changes):
-    config = tiny.get_config()
-    for dotted, value in changes.items():
-        section, _, key = dotted.rpartition("__")
-        (config[section] if section else config)[key] = value
-    return config
-
-
-def save_run(workdir, config, *, scale=0.1, seed=0, step=5):
-    """A "trained" run: the built run's trainables + noise, saved as `peftjax train` saves."""
-    exp = build(config)
-    rng = np.random.default_rng(seed)
-    trainable = jax.tree.map(
-        lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype), exp.trainable)
-    _, state = train_loop._fresh_state(exp, config)
-    state = TrainState(state.step + step, trainable, state.opt_state)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"))
-    ckpt.save(step, train_loop._checkpointed(state, exp), train_loop._meta(exp, step))
-    ckpt.wait()
-    train_loop._write_config(config, str(workdir), resumed_at=None)
-    return exp, host(trainable)
 
 
 ENC = jnp.array([[5, 6, 7, 1, 0], [8, 9, 1, 0, 0]])

@@ -15,10 +15,13 @@ import jax
 import jax.numpy as jnp
 
 
-def _check_ids(task_ids: jax.Array | None, x: jax.Array) -> jax.Array:
+def check_ids(task_ids: jax.Array | None, x: jax.Array, *,
+              needs: str = "This model has per-task PEFT parameters") -> jax.Array:
+    """`task_ids` if they align with activations `x` (`[batch]` or `[batch, length]`), else a
+    ValueError; `needs` says which part of the model asks for them."""
     if task_ids is None:
-        raise ValueError("This model has per-task PEFT parameters, so every call needs task ids: "
-                         "pass task_ids=[batch] (or encoder_task_ids/decoder_task_ids per token).")
+        raise ValueError(f"{needs}, so every call needs task ids: pass task_ids=[batch] (or "
+                         "encoder_task_ids/decoder_task_ids per token).")
     if task_ids.ndim not in (1, 2) or task_ids.shape != x.shape[:task_ids.ndim]:
         raise ValueError(f"task ids of shape {task_ids.shape} do not align with activations "
                          f"{x.shape}; expected [batch] or [batch, length].")
@@ -33,7 +36,7 @@ def project_in(x_btd: jax.Array, w: jax.Array, task_ids: jax.Array | None) -> ja
     w = w.astype(x_btd.dtype)
     if w.ndim == 2:
         return x_btd @ w
-    ids = _check_ids(task_ids, x_btd)
+    ids = check_ids(task_ids, x_btd)
     if ids.ndim == 1:
         return jnp.einsum("btd,bdr->btr", x_btd, w[ids])
     onehot = jax.nn.one_hot(ids, w.shape[0], dtype=x_btd.dtype)
@@ -47,7 +50,7 @@ def project_out(h: jax.Array, w: jax.Array, task_ids: jax.Array | None) -> jax.A
     w = w.astype(h.dtype)
     if w.ndim == 2:
         return h @ w
-    task_ids = _check_ids(task_ids, h)
+    task_ids = check_ids(task_ids, h)
     if task_ids.ndim == 1:
         return jnp.einsum("btr,bro->bto", h, w[task_ids])
     # Re-mask: an elementwise map between the brackets may have made zeros non-zero. Then one
@@ -72,6 +75,6 @@ def task_rows(table: jax.Array, task_ids: jax.Array | None, x: jax.Array, *,
     """
     if not per_task:
         return table
-    ids = _check_ids(task_ids, x)
+    ids = check_ids(task_ids, x)
     rows = jnp.take(table, ids, axis=0)
     return rows[:, None] if ids.ndim == 1 else rows

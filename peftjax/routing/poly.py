@@ -49,7 +49,7 @@ from peftjax.peft.config import PeftConfig
 from peftjax.peft.inject import module_paths
 from peftjax.peft.registry import MethodSpec, Site
 from peftjax.peft.runs import check_fits, load_trained, read_config
-from peftjax.peft.task_select import project_in, project_out
+from peftjax.peft.task_select import check_ids, project_in, project_out
 from peftjax.peft.variables import Adapter, FrozenAdapter, Router
 from peftjax.routing.record import record_weights
 
@@ -177,12 +177,7 @@ class PolyLoRADense(nnx.Module):
         return jax.random.fold_in(ctx.dropout_key, self.salt)
 
     def _check_ids(self, task_ids: jax.Array | None, x_btd: jax.Array) -> jax.Array:
-        if task_ids is None:
-            raise ValueError("Poly/MHR routes by task: every call needs task ids; pass "
-                             "task_ids=[batch] (or per-token encoder/decoder_task_ids).")
-        if task_ids.ndim not in (1, 2) or task_ids.shape != x_btd.shape[:task_ids.ndim]:
-            raise ValueError(f"task ids of shape {task_ids.shape} do not align with activations "
-                             f"{x_btd.shape}; expected [batch] or [batch, length].")
+        task_ids = check_ids(task_ids, x_btd, needs="Poly/MHR routes by task")
         if not isinstance(task_ids, jax.core.Tracer):  # concrete: say which id and the fix
             ids = np.asarray(task_ids)
             bad = ids[(ids < 0) | (ids >= self.num_tasks)]
