@@ -142,11 +142,7 @@ def load_source(workdir: str, model_config, base: str, *, load=load_trained,
                          "houlsby, pfeiffer, sparse, ...); a full fine-tuning run is the first "
                          "pass of method='sparse'.")
     library = rule in LORA_LIBRARY
-    if library and (peft.method != "lora" or peft.dora):
-        raise ValueError(f"{fix}{', dora=True' if peft.dora else ''}; compose={rule!r} routes "
-                         "over plain LoRA experts (method='lora', dora=False) only. List LoRA "
-                         "runs in config.peft.sources, or compose these adapters with "
-                         "config.peft.compose='fusion' / 'average'.")
+    _check_library_entry(fix, peft.method, peft.dora, rule)
     if peft.mode != "shared" and not library:
         raise ValueError(f"{fix}; a source must be one shared adapter. Train one run per source "
                          "task with config.peft.mode='shared' (config.data.mixture=<that task>). "
@@ -155,15 +151,7 @@ def load_source(workdir: str, model_config, base: str, *, load=load_trained,
     if peft.get("compose", "none") != "none":
         raise ValueError(f"{fix}; compositions do not nest: list its own sources instead.")
     exp, model = load(workdir, run_config)
-    paths = module_paths(model)
-    modules = {path: paths[path] for path in exp.adapted_paths}
-    for path, module in modules.items():
-        if not callable(getattr(module, "delta", None)):
-            raise ValueError(f"{fix}: its {type(module).__name__} at {path} has no "
-                             "delta(x, ctx), so it cannot be composed. Compose methods that add "
-                             "an update to a projection or the residual stream (lora, houlsby, "
-                             "pfeiffer, sparse, ...).")
-        freeze(module)
+    modules = _frozen_children(model, exp.adapted_paths, fix)
     tasks = {}
     if peft.mode != "shared":
         from peftjax.train.experiment import resolve_tasks  # it imports this module
@@ -207,20 +195,33 @@ def load_peft_source(adapter_dir: str, model_config, base: str, *, rule: str = "
         raise ValueError(f"{fix}, which routes tasks itself (task ids index its router), so it "
                          "is no library entry; load it alone with peftjax.interop.load_peft, or "
                          "list LoRA adapters in config.peft.sources.")
-    if rule in LORA_LIBRARY and (peft.method != "lora" or peft.dora):
-        raise ValueError(f"{fix}{' (DoRA)' if peft.dora else ''}; compose={rule!r} routes over "
-                         "plain LoRA experts only. List HF peft LoRA adapters (use_dora=False) "
-                         "in config.peft.sources, or compose these with config.peft.compose="
-                         "'fusion' / 'average'.")
-    paths = module_paths(donor)
+    _check_library_entry(fix, peft.method, peft.dora, rule)
+    return Source(adapter_dir, peft.method, _frozen_children(donor, adapted, fix))
+
+
+def _check_library_entry(fix: str, method: str, dora: bool, rule: str) -> None:
+    """Under a `LORA_LIBRARY` rule, refuse anything but a plain LoRA (`fix` names the source)."""
+    if rule in LORA_LIBRARY and (method != "lora" or dora):
+        raise ValueError(f"{fix}{', dora=True' if dora else ''}; compose={rule!r} routes over "
+                         "plain LoRA experts (method='lora', dora=False) only. List LoRA "
+                         "runs or HF peft LoRA adapters (use_dora=False) in config.peft.sources, "
+                         "or compose these adapters with config.peft.compose='fusion' / "
+                         "'average'.")
+
+
+def _frozen_children(model: nnx.Module, adapted: list[str], fix: str) -> dict[str, nnx.Module]:
+    """`{path: module}` of a source's adapted modules, frozen in place; each must expose
+    `delta(x, ctx)` (`fix` names the source in the error)."""
+    paths = module_paths(model)
     modules = {path: paths[path] for path in adapted}
     for path, module in modules.items():
         if not callable(getattr(module, "delta", None)):
             raise ValueError(f"{fix}: its {type(module).__name__} at {path} has no "
-                             "delta(x, ctx), so it cannot be composed. Compose adapters that "
-                             "add an update to a projection (LoRA, DoRA).")
+                             "delta(x, ctx), so it cannot be composed. Compose methods that add "
+                             "an update to a projection or the residual stream (lora, dora, "
+                             "houlsby, pfeiffer, sparse, ...).")
         freeze(module)
-    return Source(adapter_dir, peft.method, modules)
+    return modules
 
 
 def task_experts(source: Source) -> list[Source]:

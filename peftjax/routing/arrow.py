@@ -39,6 +39,7 @@ from peftjax.peft.compose import Composition
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.lora import LoRADense
 from peftjax.peft.variables import FrozenAdapter, PeftParam
+from peftjax.routing.moe import top_k_gate
 from peftjax.routing.record import record_weights
 
 
@@ -71,10 +72,8 @@ def arrow_gates(x_btd: jax.Array, prototypes_ed: jax.Array, *, top_k: int,
     (divided by `temperature`), zeros elsewhere; rows sum to 1."""
     scores = jnp.abs(jnp.einsum("btd,ed->bte", x_btd.astype(jnp.float32),
                                 prototypes_ed.astype(jnp.float32)))
-    top, experts = jax.lax.top_k(scores, top_k)  # [b, t, k] each
-    weights = jax.nn.softmax(top / temperature, axis=-1)
-    onehot = jax.nn.one_hot(experts, scores.shape[-1], dtype=jnp.float32)  # [b, t, k, experts]
-    return jnp.einsum("btk,btke->bte", weights, onehot)
+    # A softmax over the top-k scores = the full softmax kept at the top k and renormalised.
+    return top_k_gate(scores / temperature, top_k)[0]
 
 
 class Arrow(Composition):
