@@ -51,6 +51,8 @@ def default_config() -> ConfigDict:
     c.peft.adapter_scale = 1.0
     c.peft.phm_dim = 4  # Kronecker summands n; d_model and the width must divide by it
     c.peft.phm_rank = 1  # rank of the per-layer factors (Compacter: 1)
+    c.peft.adapter_bias = False  # biases in both projections (HyperFormer's adapters)
+    c.peft.adapter_norm = False  # a LayerNorm on the adapter's output (HyperFormer's adapters)
     # (IA)^3: targets matching this are scaled on their input, the others on their output
     c.peft.ia3_feedforward = r".*mlp\.wo"
     # Prompt and prefix tuning
@@ -82,6 +84,18 @@ def default_config() -> ConfigDict:
     c.peft.top_k = 2  # experts (molora, arrow) or ranks (smora) per token
     c.peft.balance_coef = 0.01  # load-balancing loss weight (Switch Transformer)
     c.peft.arrow_temperature = 1.0  # softmax temperature over Arrow's top-k scores
+    # Hypernetworks that generate the adapters (method=hyperformer / hyperformer_pp /
+    # text_to_lora; see peftjax.hyper). config.peft.mode is not read: they condition on the task.
+    c.peft.hyper_condition = "task"  # task | task_language (Hyper-X: + language embedding) |
+    # description (the frozen encoder's mean-pooled embedding of each task's description)
+    c.peft.hyper_generate = "per_task"  # per_task: once per task (or task x language) per call,
+    # gathered per example | per_example: one generation per example (needs data.pack=False)
+    c.peft.hyper_embed_dim = 64  # task / language / layer / position embedding width
+    c.peft.hyper_hidden = 128  # hidden width of the projector MLP
+    c.peft.hyper_proj_dim = 64  # the projector's output, which the weight heads read
+    c.peft.hyper_norm = True  # generate a layer norm on each bottleneck's output (HyperFormer)
+    c.peft.hyper_train_norms = False  # also train the base's layer norms (HyperFormer's setup)
+    c.peft.num_languages = 0  # language embedding rows; 0 = from the data (largest id + 1)
 
     c.data = ConfigDict()
     c.data.mixture = "synthetic_suite"  # a seqio Task or Mixture name
@@ -92,6 +106,9 @@ def default_config() -> ConfigDict:
     c.data.pack = True
     c.data.eval_examples = 64  # per task, for exact match through greedy decoding
     c.data.eval_batch_size = 64
+    # Tasks never trained on, evaluated zero-shot by `peftjax eval` ("heldout" in metrics.json):
+    # a seqio task or mixture name, or "" for none. Their ids get rows in the run's tables.
+    c.data.heldout = ""
 
     c.optim = ConfigDict()
     c.optim.learning_rate = 1e-3

@@ -1,7 +1,9 @@
-"""Data: the synthetic skill suite, the task-id-aware seqio feature converter, metrics, batches.
+"""Data: the synthetic skill suite, the task/language-id-aware seqio feature converter, task
+descriptions, metrics, batches.
 
 The public names below are re-exported lazily: `import peftjax.data.synthetic` (task tables,
-NUM_TASK_IDS) does not pull in TensorFlow/seqio; the first access to a pipeline name does.
+NUM_TASK_IDS) or `peftjax.data.descriptions` does not pull in TensorFlow/seqio; the first access
+to a pipeline name does.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from peftjax.data.descriptions import (
+        description_of,
+        missing_descriptions,
+        register_description,
+    )
     from peftjax.data.features import (
+        LANGUAGE_ID_KEY,
         TASK_ID_KEY,
         TaskAwareEncDecFeatureConverter,
         add_task_id,
@@ -21,6 +29,7 @@ if TYPE_CHECKING:
         decode_tokens,
         eval_batches,
         import_task_modules,
+        language_id_of,
         register_task_id,
         resolve,
         task_id_of,
@@ -30,14 +39,22 @@ if TYPE_CHECKING:
     )
     from peftjax.data.synthetic import (
         ALL_TASKS,
+        DESCRIPTIONS,
+        HELDOUT_LANGUAGE_PAIRS,
         HELDOUT_TASKS,
+        LANGUAGES,
+        NUM_LANGUAGE_IDS,
         NUM_TASK_IDS,
         PRETRAIN_TASKS,
         SKILLS,
         SUITE_TASKS,
         TASK_IDS,
+        TRAIN_LANGUAGE_PAIRS,
         Example,
         apply_skills,
+        cipher,
+        describe,
+        example_for,
         make_example,
         make_examples,
         skill_overlap,
@@ -45,7 +62,9 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
+    "descriptions": ("description_of", "missing_descriptions", "register_description"),
     "features": (
+        "LANGUAGE_ID_KEY",
         "TASK_ID_KEY",
         "TaskAwareEncDecFeatureConverter",
         "add_task_id",
@@ -56,6 +75,7 @@ _EXPORTS = {
         "decode_tokens",
         "eval_batches",
         "import_task_modules",
+        "language_id_of",
         "register_task_id",
         "resolve",
         "task_id_of",
@@ -65,14 +85,22 @@ _EXPORTS = {
     ),
     "synthetic": (
         "ALL_TASKS",
+        "DESCRIPTIONS",
+        "HELDOUT_LANGUAGE_PAIRS",
         "HELDOUT_TASKS",
+        "LANGUAGES",
+        "NUM_LANGUAGE_IDS",
         "NUM_TASK_IDS",
         "PRETRAIN_TASKS",
         "SKILLS",
         "SUITE_TASKS",
         "TASK_IDS",
+        "TRAIN_LANGUAGE_PAIRS",
         "Example",
         "apply_skills",
+        "cipher",
+        "describe",
+        "example_for",
         "make_example",
         "make_examples",
         "skill_overlap",
@@ -83,23 +111,36 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 
 __all__ = [
     "ALL_TASKS",
+    "DESCRIPTIONS",
+    "HELDOUT_LANGUAGE_PAIRS",
     "HELDOUT_TASKS",
+    "LANGUAGES",
+    "LANGUAGE_ID_KEY",
+    "NUM_LANGUAGE_IDS",
     "NUM_TASK_IDS",
     "PRETRAIN_TASKS",
     "SKILLS",
     "SUITE_TASKS",
     "TASK_IDS",
     "TASK_ID_KEY",
+    "TRAIN_LANGUAGE_PAIRS",
     "Example",
     "TaskAwareEncDecFeatureConverter",
     "add_task_id",
     "apply_skills",
+    "cipher",
     "decode_tokens",
+    "describe",
+    "description_of",
     "eval_batches",
     "exact_match",
+    "example_for",
     "import_task_modules",
+    "language_id_of",
     "make_example",
     "make_examples",
+    "missing_descriptions",
+    "register_description",
     "register_task_id",
     "resolve",
     "skill_overlap",

@@ -1,13 +1,14 @@
 """seqio tasks/mixtures -> NumPy batches: the data API the training loop calls.
 
 Every batch is a dict of int32 arrays [batch_size, length] with the features of
-`TaskAwareEncDecFeatureConverter` (tokens, loss weights, per-token task ids and, when packed,
-segment ids and positions).
+`TaskAwareEncDecFeatureConverter` (tokens, loss weights, per-token task and language ids and,
+when packed, segment ids and positions).
 
 Tasks are found by name in seqio's registries, so the module that registers them must have been
 imported first (`import_task_modules(config.data.task_modules)`, e.g. ["tasks.synthetic"]).
-Task ids live in a small registry here (`register_task_id` / `task_id_of`), filled in by the
-module that registers the seqio task.
+Task ids and language ids live in a small registry here (`register_task_id` / `task_id_of` /
+`language_id_of`), filled in by the module that registers the seqio task. One task in several
+languages is several seqio tasks sharing a task id, each with its own language id.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from peftjax.data.features import TASK_ID_KEY, TaskAwareEncDecFeatureConverter
+from peftjax.data.features import LANGUAGE_ID_KEY, TASK_ID_KEY, TaskAwareEncDecFeatureConverter
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +49,46 @@ _keep_tf_off_accelerators()
 
 # ----------------------------------------------------------------------- task id registry --
 
-_TASK_IDS: dict[str, int] = {}
+# seqio task name -> (task id, language id).
+_IDS: dict[str, tuple[int, int]] = {}
 
 
-def register_task_id(task_name: str, task_id: int) -> None:
-    """Records the fixed id of a seqio task. Idempotent; conflicting re-registration raises."""
-    if not isinstance(task_id, int | np.integer) or task_id < 0:
-        raise ValueError(f"Task id for {task_name!r} must be an int >= 0, got {task_id!r}.")
-    task_id = int(task_id)
-    previous = _TASK_IDS.get(task_name)
-    if previous is not None and previous != task_id:
+def _check_id(task_name: str, what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{what} for {task_name!r} must be an int >= 0, got {value!r}.")
+    return int(value)
+
+
+def register_task_id(task_name: str, task_id: int, language_id: int = 0) -> None:
+    """Records the fixed (task id, language id) of a seqio task.
+
+    Several seqio tasks may share a task id when their language ids differ (one task in several
+    languages); the pair must be unique. Idempotent; conflicting re-registration raises.
+    """
+    pair = (
+        _check_id(task_name, "Task id", task_id),
+        _check_id(task_name, "Language id", language_id),
+    )
+    previous = _IDS.get(task_name)
+    if previous is not None and previous != pair:
         raise ValueError(
-            f"Task {task_name!r} already has id {previous}; refusing to change it to {task_id} "
-            "(ids index learned task embeddings, so they must never change)."
+            f"Task {task_name!r} already has id {previous[0]} (language id {previous[1]}); "
+            f"refusing to change it to {pair[0]} (language id {pair[1]}) (ids index learned "
+            "task and language embeddings, so they must never change)."
         )
-    owner = next((n for n, i in _TASK_IDS.items() if i == task_id and n != task_name), None)
+    owner = next((n for n, p in _IDS.items() if p == pair and n != task_name), None)
     if owner is not None:
-        raise ValueError(f"Task id {task_id} is already used by {owner!r}; pick an unused id.")
-    _TASK_IDS[task_name] = task_id
+        raise ValueError(
+            f"Task id {pair[0]} with language id {pair[1]} is already used by {owner!r}; pick an "
+            "unused id, or a different language id if the task is the same task in another "
+            "language."
+        )
+    _IDS[task_name] = pair
 
 
-def task_id_of(task_name: str) -> int:
-    """The fixed id of a seqio task (as stored by `register_task_id`)."""
-    if task_name in _TASK_IDS:
-        return _TASK_IDS[task_name]
+def _ids_of(task_name: str) -> tuple[int, int]:
+    if task_name in _IDS:
+        return _IDS[task_name]
     provider = resolve(task_name)  # Raises a helpful error for unknown names.
     if isinstance(provider, seqio.Mixture):
         raise ValueError(
@@ -82,6 +99,16 @@ def task_id_of(task_name: str) -> int:
         f"seqio task {task_name!r} has no task id. Call "
         f"peftjax.data.register_task_id({task_name!r}, <id>) where the task is registered."
     )
+
+
+def task_id_of(task_name: str) -> int:
+    """The fixed id of a seqio task (as stored by `register_task_id`)."""
+    return _ids_of(task_name)[0]
+
+
+def language_id_of(task_name: str) -> int:
+    """The fixed language id of a seqio task (as stored by `register_task_id`; default 0)."""
+    return _ids_of(task_name)[1]
 
 
 # ------------------------------------------------------------------------------- lookup --
@@ -200,7 +227,7 @@ def _task_features(
     num_epochs: int | None,
     shard_info: seqio.ShardInfo | None = None,
 ) -> tf.data.Dataset:
-    """Preprocessed, unbatched task examples (inputs, targets, task_id, *_pretokenized)."""
+    """Preprocessed, unbatched examples (inputs, targets, task_id, language_id, *_pretokenized)."""
     _check_split(provider, split)
     kwargs = dict(
         sequence_length=dict(lengths),
@@ -212,7 +239,7 @@ def _task_features(
     )
     if isinstance(provider, seqio.Mixture):
         # Mixtures keep only output features unless told otherwise; the ids must survive.
-        return provider.get_dataset(**kwargs, passthrough_features=[TASK_ID_KEY])
+        return provider.get_dataset(**kwargs, passthrough_features=[TASK_ID_KEY, LANGUAGE_ID_KEY])
     return provider.get_dataset(**kwargs)
 
 

@@ -7,14 +7,23 @@ tasks (`PRETRAIN_TASKS`); parameter-efficient methods are then trained on the co
 routing can be compared against. `HELDOUT_TASKS` combine seen skills in new ways and are never
 trained on: zero-shot evaluation only.
 
+Every task also has a short English description (`DESCRIPTIONS`, built by `describe` from the
+skill words the base model saw as task prefixes), for description-conditioned generators: the
+held-out tasks' descriptions are new texts. And every task can be posed in several *languages*
+(`LANGUAGES`): a language is a letter cipher applied to the letters of the input and of the
+target, language 0 ("plain") being the task itself. `HELDOUT_LANGUAGE_PAIRS` are (suite task,
+language) pairs never trained on, whose task and language are each trained on in other pairs.
+
 This module is pure Python + NumPy on purpose (no seqio / TensorFlow), so model and analysis
 code can read the task tables cheaply. The seqio registrations live in `tasks/synthetic.py`.
 
-Examples are a deterministic function of `(task, split, index)`: they are generated in blocks of
-`EXAMPLES_PER_BLOCK` from a NumPy generator seeded by `(stable_int(task), split, block)`.
-Train and validation are disjoint by *content*, not only by seed: a letter string belongs to
-validation iff its crc32 falls in one of `HELDOUT_BUCKETS` buckets, for every task. Seed
-disjointness alone would not do, since the train stream covers all 26**3 three-letter strings.
+Examples are a deterministic function of `(task, split, index, language)`: they are generated in
+blocks of `EXAMPLES_PER_BLOCK` from a NumPy generator seeded by `(stable_int(key), split, block)`,
+where the key is the task name (plain) or "<task>__<language>". Train and validation are disjoint
+by *content*, not only by seed: a letter string as the model reads it (after the cipher) belongs
+to validation iff its crc32 falls in one of `HELDOUT_BUCKETS` buckets, for every task and
+language. Seed disjointness alone would not do, since the train stream covers all 26**3
+three-letter strings.
 """
 
 from __future__ import annotations
@@ -112,6 +121,100 @@ TASK_IDS: dict[str, int] = {name: i for i, name in enumerate(ALL_TASKS)}
 NUM_TASK_IDS = len(TASK_IDS)
 
 
+# ----------------------------------------------------------------------------- descriptions --
+# Phrases reuse the skill words of the pretraining task prefixes ("reverse", "shift", "upper",
+# "double", "copy"). The first skill names its object; later ones refer back to it, which keeps
+# three-skill descriptions under MAX_DESCRIPTION_BYTES.
+_FIRST_PHRASES = {
+    "reverse": "reverse the letters",
+    "shift": "shift the letters by one",
+    "upper": "upper-case the letters",
+    "double": "double each letter",
+}
+_LATER_PHRASES = {
+    "reverse": "reverse them",
+    "shift": "shift them by one",
+    "upper": "upper-case them",
+    "double": "double them",
+}
+COPY_DESCRIPTION = "copy the letters"
+# Descriptions are tokenised by the byte vocabulary with inputs_length 64, EOS included.
+MAX_DESCRIPTION_BYTES = 63
+
+
+def describe(skills: Sequence[str]) -> str:
+    """A short English description of applying `skills` left to right.
+
+    () -> "copy the letters"; ("reverse", "shift") -> "reverse the letters, then shift them by
+    one"; three skills -> "A, B, then C".
+    """
+    unknown = [s for s in skills if s not in SKILLS]
+    if unknown:
+        raise ValueError(f"Unknown skills {unknown}; known skills: {list(SKILLS)}.")
+    if not skills:
+        return COPY_DESCRIPTION
+    phrases = [_FIRST_PHRASES[skills[0]], *(_LATER_PHRASES[s] for s in skills[1:])]
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + ", then " + phrases[-1]
+
+
+DESCRIPTIONS: dict[str, str] = {task: describe(skills) for task, skills in ALL_TASKS.items()}
+_TOO_LONG = {t: d for t, d in DESCRIPTIONS.items() if len(d.encode()) > MAX_DESCRIPTION_BYTES}
+if _TOO_LONG:  # Caught at import, before a truncated description reaches a generator.
+    raise ValueError(
+        f"Descriptions over {MAX_DESCRIPTION_BYTES} bytes: {_TOO_LONG}; shorten the phrases."
+    )
+
+# -------------------------------------------------------------------------------- languages --
+# Append only: language ids index learned language embeddings. Language 0 is the plain task.
+PLAIN = "plain"
+LANGUAGES: dict[str, int] = {PLAIN: 0, "atbash": 1, "rot13": 2}
+NUM_LANGUAGE_IDS = len(LANGUAGES)
+
+_LOWER_UPPER = ALPHABET + ALPHABET.upper()
+_ATBASH_TABLE = str.maketrans(_LOWER_UPPER, ALPHABET[::-1] + ALPHABET.upper()[::-1])
+_ROT13_TABLE = str.maketrans(
+    _LOWER_UPPER, ALPHABET[13:] + ALPHABET[:13] + ALPHABET.upper()[13:] + ALPHABET.upper()[:13]
+)
+
+
+def atbash(text: str) -> str:
+    """Mirrors the alphabet, keeping case: a <-> z, b <-> y, ..., A <-> Z. Its own inverse."""
+    return text.translate(_ATBASH_TABLE)
+
+
+def rot13(text: str) -> str:
+    """Caesar shift by 13, keeping case: a <-> n, ..., Z <-> M. Its own inverse."""
+    return text.translate(_ROT13_TABLE)
+
+
+def plain(text: str) -> str:
+    """The plain language: no cipher."""
+    return text
+
+
+CIPHERS: dict[str, Callable[[str], str]] = {PLAIN: plain, "atbash": atbash, "rot13": rot13}
+
+# (suite task, language) pairs never trained on: two per non-plain language, different tasks for
+# different languages, so each pair's task (in other languages) and language (with other tasks)
+# are trained on. Note that rot13, a rotation, commutes with every skill, and atbash with every
+# skill but shift: in those pairs the ciphered task is the plain task's function of the letters
+# the model reads (only the letter draw differs). atbash's held-out tasks therefore both shift.
+HELDOUT_LANGUAGE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("reverse_shift", "atbash"),
+    ("shift_upper_double", "atbash"),
+    ("reverse_upper", "rot13"),
+    ("shift_double", "rot13"),
+)
+LANGUAGE_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    (task, language) for task in SUITE_TASKS for language in LANGUAGES
+)
+TRAIN_LANGUAGE_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    pair for pair in LANGUAGE_PAIRS if pair not in HELDOUT_LANGUAGE_PAIRS
+)
+
+
 def _check_task(task: str) -> None:
     if task not in ALL_TASKS:
         close = difflib.get_close_matches(task, ALL_TASKS, n=3)
@@ -122,6 +225,17 @@ def _check_task(task: str) -> None:
 def _check_split(split: str) -> None:
     if split not in _SPLIT_INTS:
         raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+
+
+def _check_language(language: str) -> None:
+    if language not in LANGUAGES:
+        raise ValueError(f"Unknown language {language!r}; expected one of {list(LANGUAGES)}.")
+
+
+def cipher(language: str, text: str) -> str:
+    """`text` written in `language` (its letter cipher; every cipher here is its own inverse)."""
+    _check_language(language)
+    return CIPHERS[language](text)
 
 
 def apply_skills(skills: Sequence[str], text: str) -> str:
@@ -194,42 +308,68 @@ def random_letters(rng: np.random.Generator, n: int) -> list[str]:
     ]
 
 
-def _block_letters(task: str, split: str, block: int) -> list[str]:
-    rng = np.random.default_rng([stable_int(task), _SPLIT_INTS[split], block])
+def example_for(task: str, letters: str, language: str = PLAIN) -> Example:
+    """The example of `task` on plain `letters`, written in `language`.
+
+    Input `f"{task}: {cipher(letters)}"`, target `cipher(transform(task, letters))`: the task
+    prefix stays plain, the letters of the input and of the target are ciphered.
+    """
+    _check_language(language)
+    encode = CIPHERS[language]
+    return Example(input_text(task, encode(letters)), encode(transform(task, letters)))
+
+
+def stream_key(task: str, language: str = PLAIN) -> str:
+    """The name that seeds a (task, language)'s examples: the task itself when plain."""
+    return task if language == PLAIN else f"{task}__{language}"
+
+
+def _block_letters(task: str, split: str, block: int, language: str) -> list[str]:
+    """Plain letters of one block; the split is decided on the letters as the model reads them."""
+    rng = np.random.default_rng([stable_int(stream_key(task, language)), _SPLIT_INTS[split], block])
     want_heldout = split == "validation"
+    encode = CIPHERS[language]
     # Draw enough candidates per round that one round nearly always suffices.
     per_round = EXAMPLES_PER_BLOCK * (2 * HELDOUT_BUCKETS if want_heldout else 2)
     letters: list[str] = []
     while len(letters) < EXAMPLES_PER_BLOCK:
-        letters += [s for s in random_letters(rng, per_round) if is_heldout(s) == want_heldout]
+        letters += [
+            s for s in random_letters(rng, per_round) if is_heldout(encode(s)) == want_heldout
+        ]
     return letters[:EXAMPLES_PER_BLOCK]
 
 
-def make_block(task: str, split: str, block: int) -> list[Example]:
-    """Examples `[block * EXAMPLES_PER_BLOCK, (block + 1) * EXAMPLES_PER_BLOCK)` of a split."""
+def make_block(task: str, split: str, block: int, language: str = PLAIN) -> list[Example]:
+    """Examples `[block * EXAMPLES_PER_BLOCK, (block + 1) * EXAMPLES_PER_BLOCK)` of a split.
+
+    Written in `language` (see `example_for`).
+    """
     _check_task(task)
     _check_split(split)
+    _check_language(language)
     if block < 0:
         raise ValueError(f"block must be >= 0, got {block}.")
     return [
-        Example(input_text(task, letters), transform(task, letters))
-        for letters in _block_letters(task, split, block)
+        example_for(task, letters, language)
+        for letters in _block_letters(task, split, block, language)
     ]
 
 
-def make_examples(task: str, split: str, start: int, count: int) -> list[Example]:
+def make_examples(
+    task: str, split: str, start: int, count: int, language: str = PLAIN
+) -> list[Example]:
     """Examples `[start, start + count)` of `split`; a pure function of its arguments."""
     if start < 0 or count < 0:
         raise ValueError(f"start and count must be >= 0, got start={start}, count={count}.")
     first, last = start // EXAMPLES_PER_BLOCK, (start + count - 1) // EXAMPLES_PER_BLOCK
-    blocks = [ex for b in range(first, last + 1) for ex in make_block(task, split, b)]
+    blocks = [ex for b in range(first, last + 1) for ex in make_block(task, split, b, language)]
     offset = start - first * EXAMPLES_PER_BLOCK
     return blocks[offset : offset + count]
 
 
-def make_example(task: str, split: str, index: int) -> Example:
+def make_example(task: str, split: str, index: int, language: str = PLAIN) -> Example:
     """Example number `index` of `split`."""
-    return make_examples(task, split, index, 1)[0]
+    return make_examples(task, split, index, 1, language)[0]
 
 
 def first_train_block(seed: int | None) -> int:

@@ -23,10 +23,19 @@ class Context:
         packed rows that mix tasks), aligned with the activations this context travels with.
         None when no PEFT module needs it.
       dropout_key: PRNG key for dropout; None means deterministic (eval, decoding).
+      language_ids: int32, shaped like `task_ids`: the example's language, for generators
+        conditioned on task and language (Hyper-X); None when nothing reads it.
+      generated: adapter weights made by a hypernetwork for this call (`peftjax.hyper`):
+        `{site path: {name: [rows, ...]}}`, one row per task (or task x language) or per example.
+      generated_ids: which row of `generated` each example (`[batch]`) or token (`[batch,
+        length]`) uses, aligned with the activations like `task_ids`.
     """
 
     task_ids: jax.Array | None = None
     dropout_key: jax.Array | None = None
+    language_ids: jax.Array | None = None
+    generated: dict[str, dict[str, jax.Array]] | None = None
+    generated_ids: jax.Array | None = None
 
     @property
     def deterministic(self) -> bool:

@@ -6,22 +6,24 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.models.attention import mask_to_bias
-from peftjax.models.t5 import T5, task_contexts
+from peftjax.models.t5 import T5
 
 EOS_ID = 1
 
 
 def greedy_decode(model: T5, encoder_input_tokens: jax.Array, *, max_length: int,
-                  task_ids: jax.Array | None = None, eos_id: int = EOS_ID) -> jax.Array:
+                  task_ids: jax.Array | None = None, language_ids: jax.Array | None = None,
+                  eos_id: int = EOS_ID) -> jax.Array:
     """Greedy decode `[batch, max_length]` int32 tokens; positions after EOS are 0.
 
     Encodes once, precomputes every layer's cross-attention keys/values, then runs one decoder
     step per position over a fixed-size self-attention cache inside a `lax.while_loop` that stops
-    when every row has emitted EOS. Call under `jax.jit` (static `max_length`).
+    when every row has emitted EOS. Call under `jax.jit` (static `max_length`). A hypernetwork
+    generates its adapters once, before the loop (`T5.contexts`).
     """
     cfg = model.config
     batch = encoder_input_tokens.shape[0]
-    enc_ctx, dec_ctx = task_contexts(task_ids, None, None, None)
+    enc_ctx, dec_ctx = model.contexts(task_ids=task_ids, language_ids=language_ids)
     encoded, key_mask = model.encode(encoder_input_tokens, enc_ctx)
     cross_kv = model.decoder.cross_key_values(encoded, enc_ctx)
     cross_bias = mask_to_bias(key_mask[:, None, None, :])

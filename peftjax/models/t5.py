@@ -207,6 +207,28 @@ class T5(nnx.Module):
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), std=cfg.d_model ** -0.5,
             rngs=rngs, dtype=dtype,
             param_dtype=pdtype)
+        # Insertion point for a hypernetwork (`peftjax.hyper`): it maps the call's contexts to
+        # contexts carrying the adapter weights it generated for them, once per call.
+        self.hypernet: nnx.Module | None = nnx.data(None)
+
+    def contexts(self, *, task_ids: jax.Array | None = None,
+                 encoder_task_ids: jax.Array | None = None,
+                 decoder_task_ids: jax.Array | None = None,
+                 language_ids: jax.Array | None = None,
+                 encoder_language_ids: jax.Array | None = None,
+                 decoder_language_ids: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[Context, Context]:
+        """The encoder's and the decoder's `Context` for one call (see `__call__` for the ids),
+        with the hypernetwork's adapter weights when the model has one."""
+        enc_ctx, dec_ctx = task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
+                                         dropout_key)
+        enc_lang, dec_lang = _paired("language_ids", language_ids, encoder_language_ids,
+                                     decoder_language_ids)
+        enc_ctx = enc_ctx.replace(language_ids=enc_lang)
+        dec_ctx = dec_ctx.replace(language_ids=dec_lang)
+        if self.hypernet is not None:
+            enc_ctx, dec_ctx = self.hypernet(enc_ctx, dec_ctx)
+        return enc_ctx, dec_ctx
 
     def encode(self, encoder_input_tokens: jax.Array, ctx: Context,
                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -231,6 +253,9 @@ class T5(nnx.Module):
                  task_ids: jax.Array | None = None,
                  encoder_task_ids: jax.Array | None = None,
                  decoder_task_ids: jax.Array | None = None,
+                 language_ids: jax.Array | None = None,
+                 encoder_language_ids: jax.Array | None = None,
+                 decoder_language_ids: jax.Array | None = None,
                  dropout_key: jax.Array | None = None) -> jax.Array:
         """float32 logits `[batch, target, vocab]`.
 
@@ -240,10 +265,15 @@ class T5(nnx.Module):
           encoder_segment_ids / decoder_segment_ids: packed-segment ids `[batch, length]`.
           task_ids: `[batch]`, one task per example; or per token for packed rows through
             `encoder_task_ids` `[batch, source]` and `decoder_task_ids` `[batch, target]`.
+          language_ids / encoder_language_ids / decoder_language_ids: the same for language ids
+            (read by generators conditioned on task and language).
           dropout_key: enables dropout (training); None = deterministic.
         """
-        enc_ctx, dec_ctx = task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
-                                         dropout_key)
+        enc_ctx, dec_ctx = self.contexts(
+            task_ids=task_ids, encoder_task_ids=encoder_task_ids,
+            decoder_task_ids=decoder_task_ids, language_ids=language_ids,
+            encoder_language_ids=encoder_language_ids,
+            decoder_language_ids=decoder_language_ids, dropout_key=dropout_key)
         encoded, key_mask = self.encode(encoder_input_tokens, enc_ctx, encoder_segment_ids)
         cross_mask = key_mask[:, None, None, :]
         if encoder_segment_ids is not None and decoder_segment_ids is not None:
@@ -257,12 +287,16 @@ class T5(nnx.Module):
 def task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
                   dropout_key) -> tuple[Context, Context]:
     """Encoder-side and decoder-side contexts from per-example or per-token task ids."""
-    if task_ids is not None and (encoder_task_ids is not None or decoder_task_ids is not None):
-        raise ValueError("Pass either task_ids ([batch]) or encoder_task_ids/decoder_task_ids "
-                         "(per token), not both.")
-    enc_ids = task_ids if task_ids is not None else encoder_task_ids
-    dec_ids = task_ids if task_ids is not None else decoder_task_ids
+    enc_ids, dec_ids = _paired("task_ids", task_ids, encoder_task_ids, decoder_task_ids)
     enc_key = dec_key = dropout_key
     if dropout_key is not None:
         enc_key, dec_key = jax.random.split(dropout_key)
     return Context(enc_ids, enc_key), Context(dec_ids, dec_key)
+
+
+def _paired(name: str, both, encoder, decoder) -> tuple:
+    """(encoder-side, decoder-side) ids from per-example `both` or per-token `encoder`/`decoder`."""
+    if both is not None and (encoder is not None or decoder is not None):
+        raise ValueError(f"Pass either {name} ([batch]) or encoder_{name}/decoder_{name} "
+                         "(per token), not both.")
+    return (both, both) if both is not None else (encoder, decoder)

@@ -12,6 +12,8 @@ ROUTERS = ("learned", "uniform")
 SCALEARN_FORMS = ("vector", "scalar", "vector_shared", "scalar_shared")
 PROMPT_INITS = ("vocab", "random")
 ROAD_VARIANTS = ("road_1", "road_2", "road_4")
+HYPER_CONDITIONS = ("task", "task_language", "description")
+HYPER_GENERATE = ("per_task", "per_example")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,8 @@ class PeftConfig:
     adapter_scale: float = 1.0  # s in h + s * U act(D h)
     phm_dim: int = 4  # n: number of Kronecker summands (PHM / Compacter)
     phm_rank: int = 1  # rank of the per-layer PHM factors (Compacter: 1)
+    adapter_bias: bool = False  # biases in both projections (HyperFormer's adapters have them)
+    adapter_norm: bool = False  # a LayerNorm on the adapter's output (HyperFormer's adapters)
     # (IA)^3
     ia3_feedforward: str = r".*mlp\.wo"  # targets scaled on their input (others: on output)
     # Prompt and prefix tuning
@@ -69,6 +73,14 @@ class PeftConfig:
     top_k: int = 2  # experts (molora, arrow) or ranks (smora) each token uses
     balance_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer)
     arrow_temperature: float = 1.0  # softmax temperature over Arrow's top-k |<v_e, x>|
+    # Hypernetworks (hyperformer, hyperformer_pp, text_to_lora): see peftjax.hyper
+    hyper_condition: str = "task"  # task | task_language (Hyper-X) | description (Text-to-LoRA)
+    hyper_generate: str = "per_task"  # per_task (once per task, gathered) | per_example
+    hyper_embed_dim: int = 64  # task / language / layer / position embedding width
+    hyper_hidden: int = 128  # hidden width of the projector MLP
+    hyper_proj_dim: int = 64  # its output: what the weight heads read
+    hyper_norm: bool = True  # generate a layer norm on each bottleneck's output (HyperFormer)
+    hyper_train_norms: bool = False  # also train the base's layer norms (HyperFormer's setup)
 
     def __post_init__(self):
         from peftjax.peft.registry import METHODS  # the registry imports this module
@@ -85,12 +97,14 @@ class PeftConfig:
             raise ValueError(f"Unknown config.peft.scalearn_form {self.scalearn_form!r}; choose "
                              f"from {SCALEARN_FORMS}.")
         for name in ("rank", "reduction_factor", "phm_dim", "phm_rank", "num_virtual_tokens",
-                     "road_group_size", "num_skills", "num_splits", "num_experts", "top_k"):
+                     "road_group_size", "num_skills", "num_splits", "num_experts", "top_k",
+                     "hyper_embed_dim", "hyper_hidden", "hyper_proj_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.peft.{name} must be a positive integer, got {value!r}.")
         choices = {"adapter_activation": tuple(ACTIVATIONS), "prompt_init": PROMPT_INITS,
-                   "road_variant": ROAD_VARIANTS, "router": ROUTERS}
+                   "road_variant": ROAD_VARIANTS, "router": ROUTERS,
+                   "hyper_condition": HYPER_CONDITIONS, "hyper_generate": HYPER_GENERATE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown config.peft.{name} {getattr(self, name)!r}; choose "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from flax import nnx
 
@@ -16,8 +17,11 @@ def module_paths(model: nnx.Module) -> dict[str, nnx.Module]:
 
 
 def apply_peft(model: nnx.Module, config: PeftConfig, *, num_tasks: int | None,
-               rngs: nnx.Rngs) -> list[str]:
+               rngs: nnx.Rngs, conditioning: Any = None) -> list[str]:
     """Replace the modules `config.target_regex` selects with the method's PEFT modules, in place.
+
+    `conditioning` is what a hypernetwork method conditions on (`peftjax.hyper.ConditionData`;
+    None: task ids only, `num_tasks` of them).
 
     Returns the adapted paths, sorted. Raises ValueError, naming the fix, when the regex matches
     nothing the method can attach to.
@@ -51,8 +55,11 @@ def apply_peft(model: nnx.Module, config: PeftConfig, *, num_tasks: int | None,
     shared: dict = {}
     for path in usable:
         site = Site(path=path, num_tasks=tasks, model_config=model.config, rngs=rngs,
-                    shared=shared, model=model, num_task_ids=num_tasks)
+                    shared=shared, model=model, num_task_ids=num_tasks,
+                    conditioning=conditioning)
         replace_submodule(model, path, spec.build(submodule(model, path), site, config))
+    if spec.finish is not None:
+        spec.finish(model, site, config)
     return usable
 
 

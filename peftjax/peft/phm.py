@@ -43,7 +43,7 @@ from peftjax.models.context import Context
 from peftjax.models.layers import Hook, activation_fn
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.registry import MethodSpec, Site
-from peftjax.peft.task_select import project_in, project_out, task_axis, task_rows
+from peftjax.peft.task_select import add_code_bias, project_in, project_out, task_axis, task_rows
 from peftjax.peft.variables import Adapter
 
 SHARED_RULE_STD = 1e-4  # reference `phm_init_range` of the model-level (shared) rule
@@ -125,17 +125,6 @@ class PHMLinear(nnx.Module):
         return kronecker_sum(self.rule.value, factors)
 
 
-def _add_code_bias(code: jax.Array, bias: jax.Array, task_ids: jax.Array | None) -> jax.Array:
-    """Add the down projection's bias to `project_in`'s output.
-
-    Shared: `[b, t, m] + [m]`. `[batch]` ids: each row's task's bias. Per-token ids: the code is
-    `[b, t, tasks, m]`, so add every task's bias; `project_out` masks all but the token's task.
-    """
-    if bias.ndim == 1 or task_ids.ndim == 2:
-        return code + bias.astype(code.dtype)
-    return code + bias[task_ids][:, None].astype(code.dtype)
-
-
 class PHMAdapter(nnx.Module):
     """Replaces a `Hook`: `h ↦ h + s · (U act(D h + b_D) + b_U)` with PHM layers `down`, `up`."""
 
@@ -156,7 +145,7 @@ class PHMAdapter(nnx.Module):
         """`s · (U act(D h + b_D) + b_U)` `[b, t, d]`: what the adapter adds to the stream."""
         ids = ctx.task_ids
         code = project_in(h_btd, self.down.weight(), ids)
-        code = self.act(_add_code_bias(code, self.down.bias.value, ids))
+        code = self.act(add_code_bias(code, self.down.bias.value, ids))
         out = project_out(code, self.up.weight(), ids)
         bias = task_rows(self.up.bias.value, ids, out, per_task=self.per_task)
         return self.scale * (out + bias.astype(out.dtype))

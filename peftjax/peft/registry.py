@@ -37,6 +37,9 @@ METHODS: dict[str, str | None] = {
     "mhr": "peftjax.routing.poly",
     "molora": "peftjax.routing.moe",
     "smora": "peftjax.routing.moe",
+    "hyperformer": "peftjax.hyper.methods",
+    "hyperformer_pp": "peftjax.hyper.methods",
+    "text_to_lora": "peftjax.hyper.methods",
 }
 
 
@@ -55,6 +58,7 @@ class Site:
     shared: dict[str, Any]
     model: nnx.Module  # the whole model, read-only (e.g. prompt init from token embeddings)
     num_task_ids: int | None = None  # rows of task-routed tables (poly, mhr) in any mode
+    conditioning: Any = None  # what a hypernetwork conditions on (peftjax.hyper.ConditionData)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,9 @@ class MethodSpec:
       build: `(matched_module, site, config) -> replacement module`.
       where: human description of valid insertion points, for error messages.
       packing: False if the method cannot run on packed rows (the run must set pack=False).
+      finish: `(model, site) -> None`, called once after every site is built, with the last
+        site (its `shared` dict holds what the builds recorded): methods whose parameters live
+        above the sites (a hypernetwork that generates every site's weights) attach them here.
     """
 
     kinds: tuple[type, ...]
@@ -74,6 +81,7 @@ class MethodSpec:
     build: Callable[[nnx.Module, Site, PeftConfig], nnx.Module]
     where: str
     packing: bool = True
+    finish: Callable[[nnx.Module, Site, PeftConfig], None] | None = None
 
 
 def method_spec(method: str) -> MethodSpec:

@@ -78,3 +78,15 @@ def task_rows(table: jax.Array, task_ids: jax.Array | None, x: jax.Array, *,
     ids = check_ids(task_ids, x)
     rows = jnp.take(table, ids, axis=0)
     return rows[:, None] if ids.ndim == 1 else rows
+
+
+def add_code_bias(code: jax.Array, bias: jax.Array, task_ids: jax.Array | None) -> jax.Array:
+    """Add a bias between `project_in` and `project_out`: `bias` is `[r]` (shared) or
+    `[tasks, r]`, `code` is what `project_in` returned for the same ids (`[b, t, r]`, or
+    `[b, t, tasks, r]` for per-token ids, where every task's slot may take its own bias since
+    `project_out` keeps only the token's own)."""
+    bias = bias.astype(code.dtype)
+    if bias.ndim == 1:
+        return code + bias
+    ids = check_ids(task_ids, code)
+    return code + (bias if ids.ndim == 2 else bias[ids][:, None])

@@ -21,6 +21,17 @@ class Router(PeftParam):
     type so a run can train the routing alone (MHR-z) and analysis can find every router."""
 
 
+class HyperParam(PeftParam):
+    """Weights of a hypernetwork that generates adapters, and the task / language / layer
+    embeddings it reads (`peftjax.hyper`)."""
+
+
+class Conditioning(nnx.Variable):
+    """Fixed inputs of a hypernetwork: the frozen encoder's embeddings of task descriptions.
+    Recomputed from the base and the descriptions at every build (so new descriptions can be
+    evaluated zero-shot), never trained and never checkpointed."""
+
+
 class FrozenAdapter(nnx.Variable):
     """Adapter state that is part of the PEFT model but not trained: a frozen LoRA A, a sparse
     fine-tuning mask, the weights of frozen source adapters under a composition. It stays with

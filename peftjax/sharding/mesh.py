@@ -39,6 +39,15 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("skills", None),  # Poly / MHR skill inventories
     ("splits", None),  # MHR heads (blocks of d_in / d_out)
     ("experts", None),  # MoLoRA experts, Arrow / fusion library entries
+    ("languages", None),  # language embeddings of Hyper-X
+    ("hyper_embed", None),  # hypernetwork inputs: task / language / layer / position embeddings
+    ("hyper_layers", None),  # layer-id embedding rows
+    ("hyper_positions", None),  # adapter-position / module-type embedding rows
+    ("hyper_in", None),  # the projector MLP's input (concatenated embeddings)
+    ("hyper_hidden", None),  # its hidden width
+    ("hyper_proj", None),  # its output, read by the weight heads
+    ("hyper_sites", None),  # per-site weight heads (HyperFormer: a hypernetwork per layer)
+    ("hyper_out", None),  # flattened generated weights
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]

@@ -29,7 +29,8 @@ from peftjax.peft import FrozenAdapter, PeftConfig, PeftParam, apply_peft, train
 from peftjax.peft.compose import compose_sources
 from peftjax.peft.runs import base_identity
 from peftjax.peft.sparse import kept_count
-from peftjax.train.experiment import Plan, plan
+from peftjax.peft.variables import Conditioning
+from peftjax.train.experiment import Plan, condition_data, plan
 
 
 def count_parameters(config: ConfigDict) -> dict[str, Any]:
@@ -62,7 +63,8 @@ def _construct(config: ConfigDict, resolved: Plan, *,
     (`from_hf` checks that), so the base is built from its config.json alone."""
     model = T5(resolved.model_config, rngs=_host_counted(nnx.Rngs(config.seed)))
     adapted = apply_peft(model, resolved.peft_config, num_tasks=resolved.num_tasks,
-                         rngs=_host_counted(nnx.Rngs(config.seed + 1)))
+                         rngs=_host_counted(nnx.Rngs(config.seed + 1)),
+                         conditioning=condition_data(config, resolved, model))
     if compose:  # frozen adapters of trained runs (config.peft.sources), as `build` attaches them
         adapted = compose_sources(model, resolved.peft_config, adapted,
                                   base=base_identity(config), num_tasks=resolved.num_tasks,
@@ -95,7 +97,9 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
       trainable_by_variable: trainable entries per variable name (lora_a, lora_b, ...);
       trainable_effective: entries that training can change: `trainable`, except that a sparse
         update (`phi`, stored dense) counts only the entries its mask lets move;
-      buffers: boolean state (sparse masks), not counted as parameters anywhere above.
+      trainable_percent_per_task: trainable / (num_tasks * total), in percent;
+      buffers: boolean state (sparse masks) and fixed hypernetwork inputs (description
+        embeddings), not counted as parameters anywhere above.
     """
     by_site: Counter[str] = Counter()
     by_variable: Counter[str] = Counter()
@@ -117,6 +121,9 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
     for path, variable in nnx.to_flat_state(frozen):
         value = variable.get_value()
         size = _size(value.shape)
+        if isinstance(variable, Conditioning):  # fixed hypernetwork inputs: buffers, too
+            buffers += size
+            continue
         if value.dtype == bool:  # masks are buffers, not parameters (as torch counts them)
             buffers += size
             if path[:-1] in phi_sites:  # the mask of a sparse update this run trains
@@ -136,6 +143,10 @@ def summarize(trainable: nnx.State, frozen: nnx.State, *, peft_config: PeftConfi
         "total": total,
         "trainable": trainable_total,
         "trainable_percent": round(100.0 * trainable_total / total, 6) if total else 0.0,
+        # All trainable parameters over num_tasks, as % of the model: how HyperFormer reports a
+        # hypernetwork's cost ("0.29% parameters per task"), comparable across methods.
+        "trainable_percent_per_task": (round(100.0 * trainable_total / (num_tasks * total), 6)
+                                       if total and num_tasks else 0.0),
         "frozen": total - trainable_total,
         "method": peft_config.method,
         "mode": peft_config.mode,

@@ -16,10 +16,10 @@ from peftjax.models import greedy_decode
 @functools.lru_cache(maxsize=8)
 def _decoder(graphdef: nnx.GraphDef, max_length: int):
     @jax.jit
-    def decode(trainable, frozen, encoder_input_tokens, task_ids):
+    def decode(trainable, frozen, encoder_input_tokens, task_ids, language_ids):
         model = nnx.merge(graphdef, trainable, frozen)
         return greedy_decode(model, encoder_input_tokens, max_length=max_length,
-                             task_ids=task_ids)
+                             task_ids=task_ids, language_ids=language_ids)
     return decode
 
 
@@ -37,9 +37,11 @@ def evaluate(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, *,
                 targets_length=data_config.targets_length,
                 num_examples=data_config.eval_examples):
             inputs, ids = batch["encoder_input_tokens"], batch["encoder_task_ids"][:, 0]
+            languages = batch.get("encoder_language_ids", np.zeros_like(inputs))[:, 0]
             if sharding is not None:
-                inputs, ids = jax.device_put(inputs, sharding), jax.device_put(ids, sharding)
-            tokens = np.asarray(decode(trainable, frozen, inputs, ids))
+                inputs, ids, languages = (jax.device_put(a, sharding)
+                                          for a in (inputs, ids, languages))
+            tokens = np.asarray(decode(trainable, frozen, inputs, ids, languages))
             predictions += data.decode_tokens(task, tokens[:len(texts)])
             targets += texts
         scores: dict[str, float] = {}

@@ -13,6 +13,8 @@ from ml_collections import ConfigDict
 
 from peftjax import data
 from peftjax.config import ConfigError, validate
+from peftjax.hyper import HYPER_METHODS, ConditionData, embed_descriptions
+from peftjax.hyper.condition import description_tokens
 from peftjax.models import T5, T5Config, from_hf, preset
 from peftjax.models.hf import load_hf_config
 from peftjax.peft import METHODS, PeftConfig, apply_peft, method_spec, trainable_filter
@@ -36,6 +38,7 @@ class Experiment:
     trainable: nnx.State
     frozen: nnx.State
     adapted_paths: list[str]
+    heldout_names: list[str] = dataclasses.field(default_factory=list)
 
     @functools.cached_property
     def batch_sharding(self) -> NamedSharding:
@@ -100,6 +103,19 @@ def resolve_tasks(config: ConfigDict) -> tuple[list[str], dict[str, int]]:
     return names, {name: data.task_id_of(name) for name in names}
 
 
+def resolve_heldout(config: ConfigDict, trained: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The held-out tasks (`config.data.heldout`, evaluated zero-shot) and their ids."""
+    if not config.data.heldout:
+        return [], {}
+    names = data.task_names(config.data.heldout)
+    overlap = sorted(set(names) & set(trained))
+    if overlap:
+        raise ConfigError(f"config.data.heldout={config.data.heldout!r} has tasks the run trains "
+                          f"on ({overlap[:3]}); held-out tasks must be new: remove them from one "
+                          "of config.data.mixture / config.data.heldout.")
+    return names, {name: data.task_id_of(name) for name in names}
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a config resolves to before anything is allocated (shared by `build` and the
@@ -111,6 +127,8 @@ class Plan:
     task_ids: dict[str, int]
     num_task_ids: int
     num_tasks: int  # rows of the per-task tables (used in mode="per_task")
+    heldout_names: tuple[str, ...] = ()  # tasks evaluated zero-shot (config.data.heldout)
+    num_languages: int = 1  # rows of a language table (largest language id + 1)
 
 
 def plan(config: ConfigDict) -> Plan:
@@ -125,7 +143,8 @@ def plan(config: ConfigDict) -> Plan:
         from peftjax.peft.sparse import FIRST_PASS_HELP
         raise ConfigError(FIRST_PASS_HELP)
     task_names, task_ids = resolve_tasks(config)
-    num_task_ids = max(task_ids.values()) + 1
+    heldout_names, heldout_ids = resolve_heldout(config, task_names)
+    num_task_ids = max({**task_ids, **heldout_ids}.values()) + 1
     num_tasks = config.peft.num_tasks or num_task_ids
     if num_tasks < num_task_ids:
         raise ConfigError(f"config.peft.num_tasks={num_tasks} but the mixture "
@@ -137,7 +156,54 @@ def plan(config: ConfigDict) -> Plan:
         raise ConfigError(f"The model's vocabulary ({model_config.vocab_size}) is smaller than "
                           f"the data's ({vocab_size}); set config.model.vocab_size >= "
                           f"{vocab_size}.")
-    return Plan(peft_config, model_config, task_names, task_ids, num_task_ids, num_tasks)
+    num_languages = _num_languages(config, [*task_names, *heldout_names])
+    if peft_config.method in HYPER_METHODS:
+        _check_hyper(config, peft_config, [*task_names, *heldout_names])
+    return Plan(peft_config, model_config, task_names, task_ids, num_task_ids, num_tasks,
+                tuple(heldout_names), num_languages)
+
+
+def _num_languages(config: ConfigDict, names: list[str]) -> int:
+    found = max(data.language_id_of(name) for name in names) + 1
+    wanted = config.peft.num_languages or found
+    if wanted < found:
+        raise ConfigError(f"config.peft.num_languages={wanted} but the data has language ids up "
+                          f"to {found - 1}; set it to at least {found} (or 0 to derive it).")
+    return wanted
+
+
+def _check_hyper(config: ConfigDict, peft_config: PeftConfig, names: list[str]) -> None:
+    if peft_config.hyper_generate == "per_example" and config.data.pack:
+        raise ConfigError("config.peft.hyper_generate='per_example' generates one adapter per "
+                          "example, which needs one example per row: set config.data.pack=False "
+                          "(or generate per task: hyper_generate='per_task').")
+    if peft_config.hyper_condition == "description":
+        missing = data.missing_descriptions(names)
+        if missing:
+            raise ConfigError(
+                f"config.peft.hyper_condition='description' generates adapters from task "
+                f"descriptions, but {len(missing)} task(s) of config.data.mixture / "
+                f"config.data.heldout have none (e.g. {missing[0]!r}). Register one with "
+                "peftjax.data.register_description(task, text) where the task is registered, "
+                "or condition on the task id (config.peft.hyper_condition='task').")
+
+
+def condition_data(config: ConfigDict, resolved: Plan, base: T5) -> ConditionData | None:
+    """What a hypernetwork conditions on, for `apply_peft` (None for other methods): table sizes,
+    and for description conditioning the frozen `base`'s embeddings of every task's
+    description (tokenised with the mixture's vocabulary, cut at config.data.inputs_length)."""
+    peft_config = resolved.peft_config
+    if peft_config.method not in HYPER_METHODS:
+        return None
+    descriptions = None
+    if peft_config.hyper_condition == "description":
+        names = [*resolved.task_names, *resolved.heldout_names]
+        texts = {data.task_id_of(name): data.description_of(name) for name in names}
+        vocab = data.vocabulary(config.data.mixture)
+        tokens = description_tokens(texts, resolved.num_task_ids, vocab.encode,
+                                    int(config.data.inputs_length))
+        descriptions = embed_descriptions(base, tokens)
+    return ConditionData(resolved.num_task_ids, resolved.num_languages, descriptions)
 
 
 def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
@@ -155,7 +221,8 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
     adapted = []
     if with_peft:
         adapted = apply_peft(model, peft_config, num_tasks=num_tasks,
-                             rngs=nnx.Rngs(config.seed + 1))
+                             rngs=nnx.Rngs(config.seed + 1),
+                             conditioning=condition_data(config, resolved, model))
         # Frozen adapters of trained runs (config.peft.sources) combined with the new one.
         adapted = compose_sources(model, peft_config, adapted, base=base_identity(config),
                                   num_tasks=num_tasks, rngs=nnx.Rngs(config.seed + 2))
@@ -164,4 +231,5 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
     trainable = jax.device_put(trainable, state_shardings(trainable, rules, mesh))
     frozen = jax.device_put(frozen, state_shardings(frozen, rules, mesh))
     return Experiment(config, model.config, peft_config, resolved.task_names, resolved.task_ids,
-                      resolved.num_task_ids, mesh, graphdef, trainable, frozen, adapted)
+                      resolved.num_task_ids, mesh, graphdef, trainable, frozen, adapted,
+                      list(resolved.heldout_names))

@@ -53,8 +53,12 @@ def model_inputs(batch: Batch, packed: bool) -> dict[str, jax.Array]:
     if packed:
         kwargs.update({k: batch[k] for k in ("encoder_segment_ids", "decoder_segment_ids",
                                              "encoder_task_ids", "decoder_task_ids")})
+        kwargs.update({k: batch[k] for k in ("encoder_language_ids", "decoder_language_ids")
+                       if k in batch})
     else:
         kwargs["task_ids"] = batch["encoder_task_ids"][:, 0]
+        if "encoder_language_ids" in batch:
+            kwargs["language_ids"] = batch["encoder_language_ids"][:, 0]
     return kwargs
 
 
