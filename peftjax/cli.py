@@ -4,6 +4,8 @@
     peftjax eval  --config configs/quickstart.py --workdir runs/qs
     peftjax params --config configs/quickstart.py --config.model.size=xxl  # counts only
     peftjax export-peft --workdir runs/qs --out runs/qs/hf_peft  # HF peft adapter dirs
+    peftjax export-adapters --workdir runs/hyper --out runs/hyper_adapters  # hypernetwork's
+        # generated adapters as an ordinary per-task run (--language_id for Hyper-X runs)
     peftjax routing --workdir runs/poly --out runs/poly/routing.npz  # every router's weights
 
 `--config` takes an ml-collections config file (optionally `file.py:arg`); any key can be
@@ -26,6 +28,8 @@ COMMANDS = {"train": "train adapters (resumes from the workdir's latest checkpoi
             "eval": "evaluate the trained adapters and the frozen base on every task",
             "params": "print parameter counts as one JSON line (shapes only; no --workdir)",
             "export-peft": "write the trained adapters as HF peft directories (--out DIR)",
+            "export-adapters": "write a hypernetwork run's generated adapters as a new "
+                               "per-task adapter run (--out DIR)",
             "routing": "write every router's weights as one .npz (--out FILE.npz)"}
 USAGE = ("usage: peftjax {" + ",".join(COMMANDS) + "} --config CONFIG.py[:ARG] --workdir DIR "
          "[--config.key=value ...]\n" + "\n".join(f"  {c:11s} {h}" for c, h in COMMANDS.items()))
@@ -35,6 +39,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.")
 _OUT = flags.DEFINE_string("out", None, "export-peft: where to write the HF peft adapter(s); "
                            "routing: the .npz file to write.")
+_LANGUAGE = flags.DEFINE_integer("language_id", 0, "export-adapters: the language whose "
+                                 "adapters a task x language hypernetwork exports.")
 _EXAMPLES = flags.DEFINE_integer("examples", 8, "routing: eval examples per task that token "
                                  "routers are run on.")
 
@@ -53,7 +59,8 @@ def _run(command: str) -> None:
 
     if _WORKDIR.value is None and command != "params":
         raise UserError("--workdir is required.")
-    if _CONFIG.value is None and command not in ("export-peft", "routing"):  # DIR/config.json
+    if _CONFIG.value is None and command not in (  # these read DIR/config.json
+            "export-peft", "export-adapters", "routing"):
         raise UserError("--config is required, e.g. --config configs/quickstart.py")
     if _CONFIG.value is not None:
         _make_task_modules_importable(flags.FLAGS["config"].config_filename)
@@ -68,11 +75,20 @@ def _run(command: str) -> None:
             from peftjax.interop.export import export_run
 
             print("\n".join(export_run(_CONFIG.value, _WORKDIR.value, _OUT.value)))
+        elif command == "export-adapters":
+            from peftjax.hyper.export import export_run as export_adapters
+
+            print("\n".join(export_adapters(_CONFIG.value, _WORKDIR.value, _OUT.value,
+                                             language_id=_LANGUAGE.value)))
         elif command == "routing":
             _routing(_WORKDIR.value, _OUT.value, _EXAMPLES.value)
         else:
             results = evaluate_run(_CONFIG.value, _WORKDIR.value)
-            print(format_table(results))
+            print(format_table({k: results[k] for k in ("adapted", "base")}))
+            if "heldout" in results:
+                print("Held-out tasks (never trained on):")
+                print(format_table({"adapted": results["heldout"],
+                                    "base": results["heldout_base"]}))
             print(f"Wrote {os.path.join(_WORKDIR.value, 'eval', 'metrics.json')}")
     except (ConfigError, CheckpointError, CheckpointMismatchError, FileNotFoundError,
             ImportError, ValueError, KeyError) as e:

@@ -10,8 +10,9 @@ trained on: zero-shot evaluation only.
 Every task also has a short English description (`DESCRIPTIONS`, built by `describe` from the
 skill words the base model saw as task prefixes), for description-conditioned generators: the
 held-out tasks' descriptions are new texts. And every task can be posed in several *languages*
-(`LANGUAGES`): a language is a letter cipher applied to the letters of the input and of the
-target, language 0 ("plain") being the task itself. `HELDOUT_LANGUAGE_PAIRS` are (suite task,
+(`LANGUAGES`): a language is a letter cipher in which the answer is written (the input stays
+plain, so only the language id tells the languages apart), language 0 ("plain") being the task
+itself. `HELDOUT_LANGUAGE_PAIRS` are (suite task,
 language) pairs never trained on, whose task and language are each trained on in other pairs.
 
 This module is pure Python + NumPy on purpose (no seqio / TensorFlow), so model and analysis
@@ -20,8 +21,7 @@ code can read the task tables cheaply. The seqio registrations live in `tasks/sy
 Examples are a deterministic function of `(task, split, index, language)`: they are generated in
 blocks of `EXAMPLES_PER_BLOCK` from a NumPy generator seeded by `(stable_int(key), split, block)`,
 where the key is the task name (plain) or "<task>__<language>". Train and validation are disjoint
-by *content*, not only by seed: a letter string as the model reads it (after the cipher) belongs
-to validation iff its crc32 falls in one of `HELDOUT_BUCKETS` buckets, for every task and
+by *content*, not only by seed: a letter string belongs to validation iff its crc32 falls in one of `HELDOUT_BUCKETS` buckets, for every task and
 language. Seed disjointness alone would not do, since the train stream covers all 26**3
 three-letter strings.
 """
@@ -198,9 +198,9 @@ CIPHERS: dict[str, Callable[[str], str]] = {PLAIN: plain, "atbash": atbash, "rot
 
 # (suite task, language) pairs never trained on: two per non-plain language, different tasks for
 # different languages, so each pair's task (in other languages) and language (with other tasks)
-# are trained on. Note that rot13, a rotation, commutes with every skill, and atbash with every
-# skill but shift: in those pairs the ciphered task is the plain task's function of the letters
-# the model reads (only the letter draw differs). atbash's held-out tasks therefore both shift.
+# are trained on. Only the answer is ciphered, and the input is the same in every language, so
+# a model can only answer in the right language from the language id (a cipher of the input too
+# would commute with most skills: e.g. rot13 with all of them, atbash with all but shift).
 HELDOUT_LANGUAGE_PAIRS: tuple[tuple[str, str], ...] = (
     ("reverse_shift", "atbash"),
     ("shift_upper_double", "atbash"),
@@ -309,14 +309,13 @@ def random_letters(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def example_for(task: str, letters: str, language: str = PLAIN) -> Example:
-    """The example of `task` on plain `letters`, written in `language`.
+    """The example of `task` on plain `letters`, answered in `language`.
 
-    Input `f"{task}: {cipher(letters)}"`, target `cipher(transform(task, letters))`: the task
-    prefix stays plain, the letters of the input and of the target are ciphered.
+    Input `f"{task}: {letters}"` (as the plain task's), target `cipher(transform(task,
+    letters))`: the language is the script of the answer, told only by the language id.
     """
     _check_language(language)
-    encode = CIPHERS[language]
-    return Example(input_text(task, encode(letters)), encode(transform(task, letters)))
+    return Example(input_text(task, letters), CIPHERS[language](transform(task, letters)))
 
 
 def stream_key(task: str, language: str = PLAIN) -> str:
@@ -325,16 +324,15 @@ def stream_key(task: str, language: str = PLAIN) -> str:
 
 
 def _block_letters(task: str, split: str, block: int, language: str) -> list[str]:
-    """Plain letters of one block; the split is decided on the letters as the model reads them."""
+    """Plain letters of one block (validation: the held-out letter strings)."""
     rng = np.random.default_rng([stable_int(stream_key(task, language)), _SPLIT_INTS[split], block])
     want_heldout = split == "validation"
-    encode = CIPHERS[language]
     # Draw enough candidates per round that one round nearly always suffices.
     per_round = EXAMPLES_PER_BLOCK * (2 * HELDOUT_BUCKETS if want_heldout else 2)
     letters: list[str] = []
     while len(letters) < EXAMPLES_PER_BLOCK:
         letters += [
-            s for s in random_letters(rng, per_round) if is_heldout(encode(s)) == want_heldout
+            s for s in random_letters(rng, per_round) if is_heldout(s) == want_heldout
         ]
     return letters[:EXAMPLES_PER_BLOCK]
 

@@ -224,16 +224,25 @@ def restore_trained(config: ConfigDict, workdir: str) -> tuple[Experiment, Train
 def evaluate_run(config: ConfigDict, workdir: str) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate the trained adapters and the frozen base without them, every task.
 
-    Writes `workdir/eval/metrics.json` as `{"adapted": {task: {metric: v}}, "base": {...}}`.
+    Writes `workdir/eval/metrics.json` as `{"adapted": {task: {metric: v}}, "base": {...}}`,
+    and with `config.data.heldout` also `"heldout"` / `"heldout_base"`: the same for the
+    held-out tasks, never trained on (zero-shot; e.g. new task descriptions).
     """
     exp, state = restore_trained(config, workdir)
     sharding = exp.batch_sharding
-    adapted = evaluate(exp.graphdef, state.trainable, exp.frozen, task_names=exp.task_names,
-                       data_config=config.data, sharding=sharding)
     base_exp = build(config, with_peft=False)
-    base = evaluate(base_exp.graphdef, base_exp.trainable, base_exp.frozen,
-                    task_names=exp.task_names, data_config=config.data, sharding=sharding)
-    results = {"adapted": adapted, "base": base}
+    results = {}
+    groups = {"": exp.task_names, "heldout": exp.heldout_names}
+    for prefix, names in groups.items():
+        if not names:
+            continue
+        adapted_key, base_key = (prefix, f"{prefix}_base") if prefix else ("adapted", "base")
+        results[adapted_key] = evaluate(exp.graphdef, state.trainable, exp.frozen,
+                                        task_names=names, data_config=config.data,
+                                        sharding=sharding)
+        results[base_key] = evaluate(base_exp.graphdef, base_exp.trainable, base_exp.frozen,
+                                     task_names=names, data_config=config.data,
+                                     sharding=sharding)
     if jax.process_index() == 0:
         out_dir = os.path.join(workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)
