@@ -21,9 +21,9 @@ code can read the task tables cheaply. The seqio registrations live in `tasks/sy
 Examples are a deterministic function of `(task, split, index, language)`: they are generated in
 blocks of `EXAMPLES_PER_BLOCK` from a NumPy generator seeded by `(stable_int(key), split, block)`,
 where the key is the task name (plain) or "<task>__<language>". Train and validation are disjoint
-by *content*, not only by seed: a letter string belongs to validation iff its crc32 falls in one of `HELDOUT_BUCKETS` buckets, for every task and
-language. Seed disjointness alone would not do, since the train stream covers all 26**3
-three-letter strings.
+by *content*, not only by seed: a letter string belongs to validation iff its crc32 falls in one
+of `HELDOUT_BUCKETS` buckets, for every task and language. Seed disjointness alone would not do,
+since the train stream covers all 26**3 three-letter strings.
 """
 
 from __future__ import annotations
