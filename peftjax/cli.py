@@ -2,6 +2,7 @@
 
     peftjax train --config configs/quickstart.py --workdir runs/qs [--config.key=value ...]
     peftjax eval  --config configs/quickstart.py --workdir runs/qs
+    peftjax eval  --workdir runs/qs              # with the config.json the run saved
     peftjax params --config configs/quickstart.py --config.model.size=xxl  # counts only
     peftjax export-peft --workdir runs/qs --out runs/qs/hf_peft  # HF peft adapter dirs
     peftjax export-adapters --workdir runs/hyper --out runs/hyper_adapters  # hypernetwork's
@@ -60,7 +61,7 @@ def _run(command: str) -> None:
     if _WORKDIR.value is None and command != "params":
         raise UserError("--workdir is required.")
     if _CONFIG.value is None and command not in (  # these read DIR/config.json
-            "export-peft", "export-adapters", "routing"):
+            "eval", "export-peft", "export-adapters", "routing"):
         raise UserError("--config is required, e.g. --config configs/quickstart.py")
     if _CONFIG.value is not None:
         _make_task_modules_importable(flags.FLAGS["config"].config_filename)
@@ -83,7 +84,14 @@ def _run(command: str) -> None:
         elif command == "routing":
             _routing(_WORKDIR.value, _OUT.value, _EXAMPLES.value)
         else:
-            results = evaluate_run(_CONFIG.value, _WORKDIR.value)
+            config = _CONFIG.value
+            if config is None:  # the run's own config (an exported run, say)
+                from peftjax.peft.runs import read_config
+
+                if os.getcwd() not in sys.path:  # its task modules, as with --config
+                    sys.path.insert(0, os.getcwd())
+                config = read_config(_WORKDIR.value)
+            results = evaluate_run(config, _WORKDIR.value)
             print(format_table({k: results[k] for k in ("adapted", "base")}))
             if "heldout" in results:
                 print("Held-out tasks (never trained on):")

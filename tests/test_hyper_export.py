@@ -147,6 +147,7 @@ def test_refusals(runs, tmp_path):
     assert not os.path.exists(out)  # nothing written by a refused export
 
 
+@pytest.mark.slow
 def test_cli_export_then_export_peft(runs, tmp_path):
     """`peftjax export-adapters` end to end; the exported LoRA run goes on to HF peft, whose
     adapter of one task, loaded alone, gives the hypernetwork's logits for that task."""
@@ -159,8 +160,6 @@ def test_cli_export_then_export_peft(runs, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"Wrote {out}: lora (per_task" in result.stdout
     assert "synthetic_reverse_shift_double (" in result.stdout  # a held-out task's row
-    again = helpers.run_peftjax("export-adapters", "--workdir", workdir, "--out", out)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
 
     hf = str(tmp_path / "hf")
     export_peft(None, out, hf)
