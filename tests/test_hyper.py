@@ -3,11 +3,13 @@ the generator and of the adapted sites, per-task vs per-example generation, [bat
 ids, mixed-task batches, unseen (task, language) pairs, description conditioning, a sharded train
 step against a single-device one, bad ids and configs, and parameter counts.
 
-Every test randomises the hypernetwork's parameters first: at init, Text-to-LoRA's B head is zero
-and every head is small, so an unused or mis-gathered weight could hide behind the init.
+Tests that run a model first replace the hypernetwork's parameters with noise: at init,
+Text-to-LoRA's B head is zero and every head is small, so an unused or mis-gathered weight could
+hide behind the init.
 """
 
 import functools
+import itertools
 import math
 
 import jax
@@ -233,13 +235,16 @@ def test_each_row_of_a_mixed_batch_gets_its_own_adapter(method):
     ids = np.array([5, 9, 5, 12])
     mixed = np.asarray(model(ENC, DEC, task_ids=jnp.asarray(ids)))
     assert np.all(np.isfinite(mixed))
-    for row, task in enumerate(ids):
-        alone = model(ENC[row:row + 1], DEC[row:row + 1], task_ids=jnp.array([task]))
-        np.testing.assert_allclose(mixed[row], alone[0], rtol=1e-5, atol=1e-5)
-    other = np.asarray(model(ENC, DEC, task_ids=jnp.full(4, 6)))
-    fives = np.asarray(model(ENC, DEC, task_ids=jnp.full(4, 5)))
-    assert np.max(np.abs(other - fives)) > 1e-2  # the task matters
-    np.testing.assert_allclose(fives[[0, 2]], mixed[[0, 2]], rtol=1e-5, atol=1e-5)
+    alone = {}  # every row with one task: what each row gives when its task is all there is
+    for task in (5, 9, 12):
+        alone[task] = np.asarray(model(ENC, DEC, task_ids=jnp.full(4, task)))
+        rows = ids == task
+        np.testing.assert_allclose(mixed[rows], alone[task][rows], rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(alone[5] - alone[9])) > 1e-2  # the task matters, on every row
+    assert np.all(np.abs(alone[5] - alone[9]).max(axis=(1, 2)) > 1e-3)
+    # And a row by itself (nothing else in the batch to leak into it) gives the same.
+    single = model(ENC[1:2], DEC[1:2], task_ids=jnp.array([9]))
+    np.testing.assert_allclose(mixed[1], single[0], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- Hyper-X
@@ -285,11 +290,24 @@ def test_hyper_x_rows_are_task_major_and_unseen_pairs_get_adapters():
 
 DESCRIBED = dict(peft__method="text_to_lora", peft__hyper_condition="description",
                  data__heldout="synthetic_heldout")
+# Inputs long enough for every synthetic description (<= 63 bytes) and its EOS.
+DESCRIBED_WHOLE = {**DESCRIBED, "data__inputs_length": 64}
+
+
+def byte_tokens(text: str, length: int) -> np.ndarray:
+    """The byte vocabulary's ids of `text` (byte + 3), EOS, zero padding to `length`."""
+    ids = [*(np.frombuffer(text.encode(), np.uint8).astype(np.int32) + 3), EOS_ID]
+    return np.pad(ids, (0, length - len(ids)))
+
+
+def description_table(exp) -> np.ndarray:
+    model = nnx.merge(exp.graphdef, exp.trainable, exp.frozen)
+    return f64(model.hypernet.conditioner.descriptions.get_value())
 
 
 def test_description_table_is_the_frozen_base_encoders_mean_pooled_embedding():
-    config = tiny_config(**DESCRIBED)
-    exp = built(**DESCRIBED)
+    config = tiny_config(**DESCRIBED_WHOLE)
+    exp = built(**DESCRIBED_WHOLE)
     assert exp.heldout_names == ["synthetic_reverse_shift_double", "synthetic_reverse_upper_double"]
     assert exp.num_task_ids == 15
     base = build(config, with_peft=False)
@@ -298,25 +316,22 @@ def test_description_table_is_the_frozen_base_encoders_mean_pooled_embedding():
     texts = {data.task_id_of(n): data.description_of(n)
              for n in [*exp.task_names, *exp.heldout_names]}
     assert sorted(texts) == list(range(5, 15))
-    tokens = description_tokens(texts, 15, data.vocabulary(config.data.mixture).encode,
-                                config.data.inputs_length)
-    # Byte vocabulary: byte + 3, then EOS, then padding.
-    text = texts[13].encode()
-    np.testing.assert_array_equal(tokens[13, :len(text) + 2],
-                                  [*(np.frombuffer(text, np.uint8) + 3), EOS_ID, 0])
-    assert not tokens[:5].any()
+    tokens = np.zeros((15, 64), np.int32)
+    for task, text in texts.items():
+        tokens[task] = byte_tokens(text, 64)
+    np.testing.assert_array_equal(
+        description_tokens(texts, 15, data.vocabulary(config.data.mixture).encode, 64), tokens)
     # Mean over each description's tokens of the base encoder's output, recomputed here.
     encoded = f64(base_model.encode(jnp.asarray(tokens), Context())[0])
     mask = (tokens > 0)[..., None]
     expected = (encoded * mask).sum(1) / np.maximum(mask.sum(1), 1)
-    built_model = nnx.merge(exp.graphdef, exp.trainable, exp.frozen)
-    table = f64(built_model.hypernet.conditioner.descriptions.get_value())
+    table = description_table(exp)
     np.testing.assert_allclose(table, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(embed_descriptions(base_model, tokens), expected, rtol=1e-5,
                                atol=1e-6)
     assert not table[:5].any()  # ids no task of the run uses
     assert np.all(np.abs(table[5:]).max(-1) > 1e-3)  # held-out tasks (13, 14) included
-    assert np.max(np.abs(table[13] - table[14])) > 1e-3
+    assert np.max(np.abs(table[13] - table[11])) > 1e-3  # vs reverse_shift_upper (trained)
     # A fixed input: not trained, not checkpointed with the frozen adapters, counted as buffer.
     assert not any("descriptions" in k for k in flat(exp.trainable))
     frozen = flat(exp.frozen)
@@ -328,9 +343,23 @@ def test_description_table_is_the_frozen_base_encoders_mean_pooled_embedding():
     assert exp.parameter_counts()["buffers"] == 15 * 64
     # A held-out task is reachable zero-shot: its own adapter, finite.
     model = model_of(exp, seed=6)
-    logits = np.asarray(model(ENC[:2], DEC[:2], task_ids=jnp.array([13, 5])))
+    logits = np.asarray(model(ENC, DEC, task_ids=jnp.array([13, 5, 14, 11])))
     assert np.all(np.isfinite(logits))
-    assert np.max(np.abs(logits[0] - model(ENC[:1], DEC[:1], task_ids=jnp.array([5]))[0])) > 1e-2
+    trained = np.asarray(model(ENC, DEC, task_ids=jnp.array([11, 5, 5, 11])))
+    assert np.max(np.abs(logits[0] - trained[0])) > 1e-2
+    assert np.max(np.abs(logits[2] - trained[2])) > 1e-2
+
+
+def test_distinct_descriptions_get_distinct_embeddings_at_any_inputs_length():
+    exp = built(**DESCRIBED)  # tiny: inputs_length 24
+    table = description_table(exp)
+    texts = {data.task_id_of(n): data.description_of(n)
+             for n in [*exp.task_names, *exp.heldout_names]}
+    for a, b in itertools.combinations(sorted(texts), 2):
+        assert np.max(np.abs(table[a] - table[b])) > 1e-4, (texts[a], texts[b])
+    # and equal to the embedding of the whole description
+    np.testing.assert_allclose(table, description_table(built(**DESCRIBED_WHOLE)), rtol=1e-5,
+                               atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- training
@@ -403,34 +432,73 @@ def test_hyper_train_norms_adds_the_base_norms_to_the_trainable_state():
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("generate", ["per_task", "per_example"])
-def test_task_ids_outside_the_table_raise_eagerly_and_give_nan_under_jit(generate):
-    exp = built(peft__method="hyperformer_pp", peft__hyper_generate=generate, data__pack=False)
-    model = model_of(exp)
-    with pytest.raises(ValueError, match=r"task id 13 is outside the hypernetwork's task "
-                                         r"embedding table of 13 rows.*config\.peft\.num_tasks"):
-        model(ENC, DEC, task_ids=jnp.array([5, 13, 6, 7]))
+PER_TASK = dict(peft__method="hyperformer_pp")
+PER_EXAMPLE = dict(peft__method="hyperformer_pp", peft__hyper_generate="per_example",
+                   data__pack=False)
+
+
+@functools.cache
+def jitted_forward(**changes):
+    """(the run, its jitted forward `(trainable, **ids) -> logits` on ENC / DEC)."""
+    exp = built(**changes)
 
     @jax.jit
     def forward(trainable, ids):
-        return nnx.merge(exp.graphdef, trainable, exp.frozen)(ENC, DEC, task_ids=ids)
+        return nnx.merge(exp.graphdef, trainable, exp.frozen)(ENC, DEC, **ids)
 
-    logits = np.asarray(forward(noise_like(exp.trainable, seed=1), jnp.array([5, 13, 6, -1])))
-    bad = np.array([False, True, False, True])
-    assert np.all(np.isnan(logits[bad])) and np.all(np.isfinite(logits[~bad]))
+    return exp, forward
 
 
-def test_per_token_ids_outside_the_table_raise_or_nan_only_their_rows():
-    exp = built(peft__method="text_to_lora")
-    model = model_of(exp)
-    enc_ids = token_rows([5, 9, 6, 7], ENC.shape[1]).copy()
-    enc_ids[2, 1] = 40
-    dec_ids = token_rows([5, 9, 6, 7], DEC.shape[1])
-    with pytest.raises(ValueError, match=r"task id 40 .*config\.peft\.num_tasks"):
-        model(ENC, DEC, encoder_task_ids=jnp.asarray(enc_ids), decoder_task_ids=dec_ids)
-    forward = jax.jit(lambda m, e, d: m(ENC, DEC, encoder_task_ids=e, decoder_task_ids=d))
-    logits = np.asarray(forward(model, jnp.asarray(enc_ids), jnp.asarray(dec_ids)))
-    assert np.all(np.isnan(logits[2])) and np.all(np.isfinite(logits[[0, 1, 3]]))
+def nan_rows(changes, ids) -> np.ndarray:
+    """Per row of the jitted forward's logits: True if all NaN; asserts the rest finite."""
+    exp, forward = jitted_forward(**changes)
+    logits = np.asarray(forward(noise_like(exp.trainable, seed=1), ids)).reshape(4, -1)
+    nan = np.isnan(logits).all(-1)
+    assert np.all(np.isfinite(logits[~nan]))
+    return nan
+
+
+@pytest.mark.parametrize("changes", [PER_TASK, PER_EXAMPLE], ids=["per_task", "per_example"])
+def test_task_ids_outside_the_table_raise_eagerly(changes):
+    model = model_of(built(**changes))
+    for bad in (13, -1):
+        with pytest.raises(ValueError, match=rf"task id {bad} is outside the hypernetwork's task "
+                                             r"embedding table of 13 rows \(ids 0..12\); set "
+                                             r"config\.peft\.num_tasks"):
+            model(ENC, DEC, task_ids=jnp.array([5, bad, 6, 7]))
+    if changes is PER_TASK:
+        tokens = token_rows([5, 9, 6, 7], ENC.shape[1]).copy()
+        tokens[2, 1] = 40
+        with pytest.raises(ValueError, match=r"task id 40 .*config\.peft\.num_tasks"):
+            model(ENC, DEC, encoder_task_ids=jnp.asarray(tokens),
+                  decoder_task_ids=jnp.asarray(token_rows([5, 9, 6, 7], DEC.shape[1])))
+
+
+def test_per_task_ids_outside_the_table_give_nan_rows_under_jit():
+    enc = token_rows([5, 9, 6, 7], ENC.shape[1]).copy()
+    dec = token_rows([5, 9, 6, 7], DEC.shape[1]).copy()
+    enc[1, 2], dec[3, 1] = 13, -1  # one bad token in row 1's inputs, one in row 3's targets
+    ids = dict(encoder_task_ids=jnp.asarray(enc), decoder_task_ids=jnp.asarray(dec))
+    np.testing.assert_array_equal(nan_rows(PER_TASK, ids), [False, True, False, True])
+
+
+def test_per_example_ids_beyond_the_table_give_nan_rows_under_jit():
+    ids = dict(task_ids=jnp.array([5, 13, 6, 7]))
+    np.testing.assert_array_equal(nan_rows(PER_EXAMPLE, ids), [False, True, False, False])
+
+
+def test_per_example_negative_ids_give_nan_rows_under_jit():
+    ids = dict(task_ids=jnp.array([5, 6, -1, 7]))
+    np.testing.assert_array_equal(nan_rows(PER_EXAMPLE, ids), [False, False, True, False])
+
+
+def test_per_example_generation_refuses_packed_ids_and_every_method_needs_ids():
+    model = model_of(built(**PER_EXAMPLE))
+    with pytest.raises(ValueError, match=r"per_example.*packed.*config\.data\.pack=False"):
+        model(ENC, DEC, encoder_task_ids=jnp.asarray(token_rows([5, 6, 7, 8], ENC.shape[1])),
+              decoder_task_ids=jnp.asarray(token_rows([5, 6, 7, 8], DEC.shape[1])))
+    with pytest.raises(ValueError, match=r"hypernetwork.*pass task_ids=\[batch\]"):
+        model(ENC, DEC)
 
 
 def test_language_ids_outside_the_table_or_missing_name_the_fix():
@@ -488,8 +556,9 @@ def test_shape_only_counts_equal_the_built_run(changes):
 
 def test_hyperformer_pp_trainable_count_by_hand():
     e, h, p, d, m, tasks = 8, 16, 12, 64, 8, 13
-    counts = built(peft__method="hyperformer_pp", peft__hyper_embed_dim=e, peft__hyper_hidden=h,
-                   peft__hyper_proj_dim=p, peft__reduction_factor=d // m).parameter_counts()
+    counts = count_parameters(tiny_config(
+        peft__method="hyperformer_pp", peft__hyper_embed_dim=e, peft__hyper_hidden=h,
+        peft__hyper_proj_dim=p, peft__reduction_factor=d // m))
     outputs = (d * m, m, m * d, d, d, d)  # down, down_bias, up, up_bias, norm scale, norm bias
     per_stack = (2 * e + 2 * e  # layer (2 layers) and position (post_attention, post_ffn) rows
                  + (e + 2 * e) * h + h + h * p + p + 2 * p  # projector MLP and its layer norm

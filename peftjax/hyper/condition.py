@@ -124,6 +124,9 @@ class Conditioner(nnx.Module):
         """`[batch, c]`: each example's vector; NaN for an id outside the tables (under jit,
         where it cannot raise, a bad id gives NaN outputs rather than another task's)."""
         def take(table, ids):
+            # Out-of-table ids (negative ones too: `take` would wrap those) read the fill row.
+            size = table.shape[0]
+            ids = jnp.where((ids < 0) | (ids >= size), size, ids)
             return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
         rows = take(self._task_table(), task_ids_b)

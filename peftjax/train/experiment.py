@@ -191,7 +191,8 @@ def _check_hyper(config: ConfigDict, peft_config: PeftConfig, names: list[str]) 
 def condition_data(config: ConfigDict, resolved: Plan, base: T5) -> ConditionData | None:
     """What a hypernetwork conditions on, for `apply_peft` (None for other methods): table sizes,
     and for description conditioning the frozen `base`'s embeddings of every task's
-    description (tokenised with the mixture's vocabulary, cut at config.data.inputs_length)."""
+    description (tokenised whole with the mixture's vocabulary: cut descriptions that share a
+    prefix would collapse into one task)."""
     peft_config = resolved.peft_config
     if peft_config.method not in HYPER_METHODS:
         return None
@@ -200,8 +201,8 @@ def condition_data(config: ConfigDict, resolved: Plan, base: T5) -> ConditionDat
         names = [*resolved.task_names, *resolved.heldout_names]
         texts = {data.task_id_of(name): data.description_of(name) for name in names}
         vocab = data.vocabulary(config.data.mixture)
-        tokens = description_tokens(texts, resolved.num_task_ids, vocab.encode,
-                                    int(config.data.inputs_length))
+        length = max(len(vocab.encode(text)) for text in texts.values()) + 1  # + EOS
+        tokens = description_tokens(texts, resolved.num_task_ids, vocab.encode, length)
         descriptions = embed_descriptions(base, tokens)
     return ConditionData(resolved.num_task_ids, resolved.num_languages, descriptions)
 
