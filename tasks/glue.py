@@ -446,7 +446,22 @@ def mixture_rates() -> dict[str, mixing.RateFn]:
 # ------------------------------------------------------------------------- registration --
 
 
-def vocabulary() -> seqio.SentencePieceVocabulary:
+class T5Vocabulary(seqio.SentencePieceVocabulary):
+    """seqio's SentencePieceVocabulary whose failure to read the model says how to fix it."""
+
+    def _model_context(self):  # seqio's lazy loader: the first use of the vocabulary
+        try:
+            return super()._model_context()
+        except (tf.errors.OpError, OSError) as e:
+            raise OSError(
+                f"Cannot read the SentencePiece model {self.sentencepiece_model_file!r} of the "
+                f"GLUE / SuperGLUE tasks ({type(e).__name__}: {e}). Copy T5's model locally "
+                f"(gsutil cp {DEFAULT_SPM_MODEL} .) and set ${SPM_MODEL_ENV} to its path before "
+                "tasks.glue is imported (or call tasks.glue.register() again)."
+            ) from e
+
+
+def vocabulary() -> T5Vocabulary:
     """T5's SentencePiece vocabulary from $PEFTJAX_SPM_MODEL / $PEFTJAX_SPM_EXTRA_IDS (the file
     is opened on first use, not here)."""
     path = os.environ.get(SPM_MODEL_ENV) or DEFAULT_SPM_MODEL
@@ -460,7 +475,7 @@ def vocabulary() -> seqio.SentencePieceVocabulary:
             f"${SPM_EXTRA_IDS_ENV}={raw_extra_ids!r} is not a count of extra ids; set it to 0 "
             "for T5 v1.1's cc_all.32000.100extra model (it holds them) or 100 for cc_all.32000."
         )
-    return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+    return T5Vocabulary(path, extra_ids=extra_ids)
 
 
 def output_features() -> dict[str, seqio.Feature]:

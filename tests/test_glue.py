@@ -141,6 +141,9 @@ def test_vocabulary_comes_from_the_environment(glue, monkeypatch):
     monkeypatch.delenv("PEFTJAX_SPM_EXTRA_IDS")
     default = glue.vocabulary()  # not opened: registration stays offline
     assert default.sentencepiece_model_file == glue.DEFAULT_SPM_MODEL
+    monkeypatch.setenv("PEFTJAX_SPM_MODEL", "/nonexistent/sentencepiece.model")
+    with pytest.raises(OSError, match="set \\$PEFTJAX_SPM_MODEL"):
+        glue.vocabulary().vocab_size  # noqa: B018 (the first use reads the file)
     monkeypatch.setenv("PEFTJAX_SPM_EXTRA_IDS", "many")
     with pytest.raises(ValueError, match="PEFTJAX_SPM_EXTRA_IDS"):
         glue.vocabulary()
@@ -420,23 +423,27 @@ def test_registered_mixture_rates(mocked):
 # -------------------------------------------------------------------------- pipelines --
 
 
-@pytest.mark.parametrize("name", sorted(TASK_IDS))
-def test_every_task_yields_train_and_validation_batches(mocked, name):
-    task_id = TASK_IDS[name]
-    batch = next(pipeline.train_batches(name, batch_size=2, inputs_length=48, targets_length=12,
-                                        pack=False, seed=0))
-    assert batch["encoder_input_tokens"].shape == (2, 48)
-    assert batch["decoder_target_tokens"].shape == (2, 12)
+def check_batch(batch, shape, ids):
+    """Shapes, and every real token carries one of `ids` (task ids ride along the tokens)."""
+    assert batch["encoder_input_tokens"].shape == shape[0]
+    assert batch["decoder_target_tokens"].shape == shape[1]
     real_inputs, real_targets = batch["encoder_input_tokens"] > 0, batch["decoder_loss_weights"] > 0
-    assert real_inputs.any() and real_targets.any()
-    assert (batch["encoder_task_ids"][real_inputs] == task_id).all()
-    assert (batch["decoder_task_ids"][real_targets] == task_id).all()
+    assert real_inputs.any(axis=1).all() and real_targets.any(axis=1).all()  # no empty rows
+    seen = set(np.unique(batch["encoder_task_ids"][real_inputs]).tolist())
+    assert seen <= set(ids)
+    assert set(np.unique(batch["decoder_task_ids"][real_targets]).tolist()) == seen
+    return seen
 
+
+@pytest.mark.parametrize("name", sorted(TASK_IDS))
+def test_every_task_yields_validation_batches(mocked, name):
+    task_id = TASK_IDS[name]
     batches = list(pipeline.eval_batches(name, batch_size=2, inputs_length=48, targets_length=12,
                                          num_examples=3))
     assert [len(texts) for _, texts in batches] == [2, 1]
-    assert (batches[1][0]["encoder_input_tokens"][1] == 0).all()  # the padding row
+    check_batch(batches[0][0], [(2, 48), (2, 12)], {task_id})
     assert (batches[0][0]["encoder_task_ids"][:, 0] == task_id).all()
+    assert (batches[1][0]["encoder_input_tokens"][1] == 0).all()  # the padding row
     targets = [t for _, texts in batches for t in texts]
     if name == "glue_stsb":
         assert all(isinstance(t, float) for t in targets)
@@ -459,13 +466,26 @@ def test_every_task_yields_train_and_validation_batches(mocked, name):
     assert set(scores) == METRICS[name]
 
 
-def test_mixtures_yield_packed_batches_of_their_tasks(mocked):
-    for mixture, ids in [("glue_proportional", {GLUE_IDS[t] for t in HYPERFORMER_GLUE}),
-                         ("super_glue_temperature", set(SUPER_GLUE_IDS.values()))]:
-        batch = next(pipeline.train_batches(mixture, batch_size=4, inputs_length=64,
-                                            targets_length=16, pack=True, seed=1))
-        real = batch["encoder_segment_ids"] > 0
-        assert set(np.unique(batch["encoder_task_ids"][real])) <= ids
+def test_every_task_yields_training_batches(mocked):
+    """Through the two temperature mixtures (which hold every task but WNLI) and WNLI alone:
+    64 unpacked rows of each mixture contain every one of its tasks."""
+    lengths = dict(inputs_length=48, targets_length=12)
+    for mixture, names in [("glue_temperature", HYPERFORMER_GLUE),
+                           ("super_glue_temperature", list(SUPER_GLUE_IDS))]:
+        batch = next(pipeline.train_batches(mixture, batch_size=64, pack=False, seed=0,
+                                            **lengths))
+        ids = {TASK_IDS[n] for n in names}
+        assert check_batch(batch, [(64, 48), (64, 12)], ids) == ids
+        # Unpacked: one example, so one task id, per row.
+        rows = batch["encoder_task_ids"][:, :1]
+        real = batch["encoder_input_tokens"] > 0
+        assert (np.where(real, batch["encoder_task_ids"], rows) == rows).all()
+    batch = next(pipeline.train_batches("glue_wnli", batch_size=2, pack=False, seed=0, **lengths))
+    assert check_batch(batch, [(2, 48), (2, 12)], {24}) == {24}
+    packed = next(pipeline.train_batches("glue_proportional", batch_size=4, pack=True, seed=1,
+                                         inputs_length=256, targets_length=32))
+    assert check_batch(packed, [(4, 256), (4, 32)], {TASK_IDS[n] for n in HYPERFORMER_GLUE})
+    assert packed["encoder_segment_ids"].max() > 1  # several examples share a row
 
 
 # ------------------------------------------------------------------------- end to end --
@@ -474,12 +494,19 @@ def test_mixtures_yield_packed_batches_of_their_tasks(mocked):
 @pytest.mark.slow
 def test_compacter_glue_quick_trains_and_evaluates(mocked, tmp_path):
     from configs import compacter_glue
+    from peftjax.checkpoint import Checkpoints
     from peftjax.train import evaluate_run, train
 
     config = compacter_glue.get_config("quick")
     assert config.data.mixture == "glue_temperature" and config.peft.mode == "per_task"
     workdir = str(tmp_path / "run")
-    means = train(config, workdir)
+    # Save synchronously: mock_data's `as_dataset` briefly swaps in a process-wide mock file
+    # system (tfds.testing.MockFs), which would capture the files orbax writes from its
+    # background thread while the final evaluation loads the validation splits.
+    save = Checkpoints.save
+    with mock.patch.object(Checkpoints, "save",
+                           lambda self, *a, **k: (save(self, *a, **k), self.wait())[0]):
+        means = train(config, workdir)
     expected = set().union(*(METRICS[t] for t in HYPERFORMER_GLUE))
     assert set(means) == expected
     assert all(math.isfinite(v) for v in means.values())
