@@ -492,13 +492,16 @@ def test_every_task_yields_training_batches(mocked):
 
 
 @pytest.mark.slow
-def test_compacter_glue_quick_trains_and_evaluates(mocked, tmp_path):
-    from configs import compacter_glue
+@pytest.mark.parametrize("name", ["compacter_glue", "hyperformer_glue"])
+def test_glue_configs_quick_train_and_evaluate(name, mocked, tmp_path):
+    import importlib
+
     from peftjax.checkpoint import Checkpoints
     from peftjax.train import evaluate_run, train
 
-    config = compacter_glue.get_config("quick")
-    assert config.data.mixture == "glue_temperature" and config.peft.mode == "per_task"
+    config = importlib.import_module(f"configs.{name}").get_config("quick")
+    assert config.data.mixture == "glue_temperature"
+    assert config.peft.mode == "per_task" or config.peft.method == "hyperformer_pp"
     workdir = str(tmp_path / "run")
     # Save synchronously: mock_data's `as_dataset` briefly swaps in a process-wide mock file
     # system (tfds.testing.MockFs), which would capture the files orbax writes from its
