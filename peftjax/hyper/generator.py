@@ -165,7 +165,7 @@ class HyperNetwork(nnx.Module):
                  generate: str):
         self.conditioner = conditioner
         self.groups = nnx.List(list(groups.values()))
-        self.group_names = tuple(groups)
+        self.group_names = tuple(groups)  # each group's key: its stack or its weight shape
         self.generate_mode = generate
 
     def generate(self, cond_rc: jax.Array) -> dict[str, dict[str, jax.Array]]:
