@@ -106,6 +106,18 @@ def run_entry(name: str, spec: str, extra: tuple[str, ...], steps: int, runs: st
     return result
 
 
+def experiment_parser(doc: str, *, steps: int, runs: str) -> argparse.ArgumentParser:
+    """The options every suite experiment script takes (its docstring's first line is the
+    description)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--runs", default=runs, help="where the runs go")
+    parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse runs already finished in --runs with the same --steps")
+    return parser
+
+
 def mean(per_task: dict[str, dict[str, float]], metric: str) -> float:
     return statistics.fmean(v[metric] for v in per_task.values())
 
@@ -174,13 +186,8 @@ def write_results(section: str, path: str, markers: tuple[str, str] = (BEGIN, EN
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser = experiment_parser(__doc__, steps=1000, runs="/tmp/peftjax_compare")
     parser.add_argument("--only", default="", help="comma-separated entry names or config stems")
-    parser.add_argument("--runs", default="/tmp/peftjax_compare", help="where the runs go")
-    parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse entries already finished in --runs with the same --steps")
     args = parser.parse_args()
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
     entries = [e for e in ENTRIES if not wanted or e[0] in wanted

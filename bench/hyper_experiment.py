@@ -20,7 +20,6 @@ Tables go between the `hyper` markers of bench/RESULTS.md, with the command and 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 sys.path.insert(0, REPO)
 
 from common import machine  # noqa: E402
-from compare_methods import mean, run_entry, write_results  # noqa: E402
+from compare_methods import experiment_parser, mean, run_entry, write_results  # noqa: E402
 from routing_experiment import table  # noqa: E402
 
 ADAPTER = ("--config.peft.adapter_bias=True", "--config.peft.adapter_norm=True",
@@ -129,13 +128,7 @@ def markdown(suite: list[dict], zero_shot: list[dict], languages: list[dict],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--runs", default="/tmp/peftjax_hyper", help="where the runs go")
-    parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse runs already finished in --runs with the same --steps")
-    args = parser.parse_args()
+    args = experiment_parser(__doc__, steps=500, runs="/tmp/peftjax_hyper").parse_args()
     groups = []
     for entries in (SUITE, ZERO_SHOT, LANGUAGES):
         done = []

@@ -21,7 +21,6 @@ Tables go between the `routing` markers of bench/RESULTS.md, with the command an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 sys.path.insert(0, REPO)
 
 from common import machine  # noqa: E402
-from compare_methods import mean, run_entry, slug, spawn, write_results  # noqa: E402
+from compare_methods import experiment_parser, mean, run_entry, slug, spawn, write_results  # noqa: E402
 
 NUM_SKILLS, RANK = 4, 8  # configs/poly.py's inventory: K LoRA skills of rank r per site
 # (name, config spec, extra overrides). The per-task LoRA run doubles as Arrow's library.
@@ -179,13 +178,7 @@ def markdown(trained: list[dict], correlations: dict[str, tuple[float, float]],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--runs", default="/tmp/peftjax_routing", help="where the runs go")
-    parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse runs already finished in --runs with the same --steps")
-    args = parser.parse_args()
+    args = experiment_parser(__doc__, steps=500, runs="/tmp/peftjax_routing").parse_args()
     results = {}
     for name, spec, extra in [*TRAINED, (SHARED, "configs/lora.py", ())]:
         print(f"{name}: training {args.steps} steps ...", file=sys.stderr, flush=True)

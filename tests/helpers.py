@@ -90,3 +90,28 @@ def save_run(workdir, config, *, scale=0.1, seed=0, step=5):
     ckpt.wait()
     train_loop._write_config(config, str(workdir), resumed_at=None)
     return exp, host(trainable)
+
+
+def single_and_sharded_step(exp, config, optimizer):
+    """One train step on a packed batch of `config`'s mixture whose rows mix tasks, run on one
+    device and on `exp`'s mesh. Returns (single-device metrics, sharded state, sharded metrics,
+    the host batch)."""
+    import jax
+
+    from peftjax import data
+    from peftjax.train.loop import put_batch
+    from peftjax.train.step import init_train_state, make_train_step
+
+    step = make_train_step(exp.graphdef, optimizer, packed=True, num_task_ids=exp.num_task_ids,
+                           donate=False)
+    batch = next(data.train_batches(config.data.mixture, batch_size=config.data.batch_size,
+                                    inputs_length=config.data.inputs_length,
+                                    targets_length=config.data.targets_length, pack=True,
+                                    seed=config.seed))
+    assert any(len(set(row[row > 0])) > 1 for row in batch["encoder_task_ids"])  # mixed rows
+    one = jax.devices()[0]
+    single = step(*jax.device_put((init_train_state(exp.trainable, optimizer), exp.frozen), one),
+                  jax.device_put(batch, one), jax.random.key(0))[1]
+    state, sharded = step(init_train_state(exp.trainable, optimizer), exp.frozen,
+                          put_batch(batch, exp), jax.random.key(0))
+    return single, state, sharded, batch

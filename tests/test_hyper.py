@@ -36,9 +36,8 @@ from peftjax.sharding import DEFAULT_RULES
 from peftjax.train import build
 from peftjax.train import loop as train_loop
 from peftjax.train.accounting import count_parameters
-from peftjax.train.loop import put_batch
-from peftjax.train.step import init_train_state, make_train_step
-from tests.helpers import tiny_config
+from peftjax.train.step import init_train_state
+from tests.helpers import single_and_sharded_step, tiny_config
 
 LN_EPS = 1e-5
 SUITE_IDS = (5, 12)  # task ids of synthetic_suite (first, last); tables have 13 rows
@@ -383,18 +382,7 @@ def test_hyperformer_pp_trains_sharded_in_mixed_task_packed_rows():
     assert any(isinstance(v, nnx.Param) and not isinstance(v, PeftParam)
                for v in flat(exp.frozen).values())
     optimizer = optax.sgd(1.0)  # update = -gradient
-    step = make_train_step(exp.graphdef, optimizer, packed=True, num_task_ids=exp.num_task_ids,
-                           donate=False)
-    batch = next(data.train_batches(config.data.mixture, batch_size=config.data.batch_size,
-                                    inputs_length=config.data.inputs_length,
-                                    targets_length=config.data.targets_length, pack=True,
-                                    seed=config.seed))
-    assert any(len(set(row[row > 0])) > 1 for row in batch["encoder_task_ids"])  # mixed rows
-    one = jax.devices()[0]
-    single = step(*jax.device_put((init_train_state(exp.trainable, optimizer), exp.frozen), one),
-                  jax.device_put(batch, one), jax.random.key(0))[1]
-    state, sharded = step(init_train_state(exp.trainable, optimizer), exp.frozen,
-                          put_batch(batch, exp), jax.random.key(0))
+    single, state, sharded, batch = single_and_sharded_step(exp, config, optimizer)
     np.testing.assert_allclose(float(single["loss_sum"]), float(sharded["loss_sum"]), rtol=1e-5)
     np.testing.assert_allclose(float(single["grad_norm"]), float(sharded["grad_norm"]),
                                rtol=1e-4)

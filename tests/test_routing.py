@@ -9,15 +9,13 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from peftjax import data
 from peftjax.models import T5, preset
 from peftjax.peft import PeftConfig, apply_peft
 from peftjax.routing import RoutingWeights, capture
 from peftjax.routing.record import entropy, mean_entropy
 from peftjax.sharding import DEFAULT_RULES
 from peftjax.train import build
-from peftjax.train.loop import put_batch
-from peftjax.train.step import init_train_state, make_train_step
+from tests.helpers import single_and_sharded_step
 
 
 def tokens(batch=2, length=5, seed=0):
@@ -83,18 +81,7 @@ def test_router_trains_sharded_in_mixed_task_packed_rows(method, changes):
              & {"skills", "experts"}]
     assert specs and all("model" in tuple(s) for s in specs), specs
     optimizer = optax.sgd(0.5)
-    step = make_train_step(exp.graphdef, optimizer, packed=True, num_task_ids=exp.num_task_ids,
-                           donate=False)
-    batch = next(data.train_batches(config.data.mixture, batch_size=config.data.batch_size,
-                                    inputs_length=config.data.inputs_length,
-                                    targets_length=config.data.targets_length, pack=True,
-                                    seed=config.seed))
-    assert any(len(set(row[row > 0])) > 1 for row in batch["encoder_task_ids"])  # mixed rows
-    one = jax.devices()[0]
-    single = step(*jax.device_put((init_train_state(exp.trainable, optimizer), exp.frozen), one),
-                  jax.device_put(batch, one), jax.random.key(0))[1]
-    state, sharded = step(init_train_state(exp.trainable, optimizer), exp.frozen,
-                          put_batch(batch, exp), jax.random.key(0))
+    single, state, sharded, batch = single_and_sharded_step(exp, config, optimizer)
     np.testing.assert_allclose(float(single["loss_sum"]), float(sharded["loss_sum"]), rtol=1e-5)
     assert float(sharded["routing_entropy"]) > 0.0
     if method == "molora":

@@ -160,7 +160,7 @@ def _finish(model: nnx.Module, site: Site, config: PeftConfig) -> None:
     model.hypernet = HyperNetwork(conditioner, groups, generate=config.hyper_generate)
     if config.hyper_train_norms:
         for path, module in module_paths(model).items():
-            if isinstance(module, RMSNorm) and not path.startswith("hypernet"):
+            if isinstance(module, RMSNorm):
                 replace_submodule(model, path, TunedRMSNorm(module))
 
 

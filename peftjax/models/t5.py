@@ -221,11 +221,9 @@ class T5(nnx.Module):
         """The encoder's and the decoder's `Context` for one call (see `__call__` for the ids),
         with the hypernetwork's adapter weights when the model has one."""
         enc_ctx, dec_ctx = task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
-                                         dropout_key)
-        enc_lang, dec_lang = _paired("language_ids", language_ids, encoder_language_ids,
-                                     decoder_language_ids)
-        enc_ctx = enc_ctx.replace(language_ids=enc_lang)
-        dec_ctx = dec_ctx.replace(language_ids=dec_lang)
+                                         dropout_key, language_ids=language_ids,
+                                         encoder_language_ids=encoder_language_ids,
+                                         decoder_language_ids=decoder_language_ids)
         if self.hypernet is not None:
             enc_ctx, dec_ctx = self.hypernet(enc_ctx, dec_ctx)
         return enc_ctx, dec_ctx
@@ -284,14 +282,19 @@ class T5(nnx.Module):
         return self.logits(y, dec_ctx)
 
 
-def task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
-                  dropout_key) -> tuple[Context, Context]:
-    """Encoder-side and decoder-side contexts from per-example or per-token task ids."""
+def task_contexts(task_ids, encoder_task_ids, decoder_task_ids, dropout_key, *,
+                  language_ids=None, encoder_language_ids=None,
+                  decoder_language_ids=None) -> tuple[Context, Context]:
+    """Encoder-side and decoder-side contexts from per-example or per-token task (and language)
+    ids."""
     enc_ids, dec_ids = _paired("task_ids", task_ids, encoder_task_ids, decoder_task_ids)
+    enc_lang, dec_lang = _paired("language_ids", language_ids, encoder_language_ids,
+                                 decoder_language_ids)
     enc_key = dec_key = dropout_key
     if dropout_key is not None:
         enc_key, dec_key = jax.random.split(dropout_key)
-    return Context(enc_ids, enc_key), Context(dec_ids, dec_key)
+    return (Context(enc_ids, enc_key, language_ids=enc_lang),
+            Context(dec_ids, dec_key, language_ids=dec_lang))
 
 
 def _paired(name: str, both, encoder, decoder) -> tuple:

@@ -71,9 +71,9 @@ class MethodSpec:
       build: `(matched_module, site, config) -> replacement module`.
       where: human description of valid insertion points, for error messages.
       packing: False if the method cannot run on packed rows (the run must set pack=False).
-      finish: `(model, site) -> None`, called once after every site is built, with the last
-        site (its `shared` dict holds what the builds recorded): methods whose parameters live
-        above the sites (a hypernetwork that generates every site's weights) attach them here.
+      finish: `(model, site, config) -> None`, called once after every site is built, with the
+        last site (its `shared` dict holds what the builds recorded): methods whose parameters
+        live above the sites (a hypernetwork that generates every site's weights) attach them here.
     """
 
     kinds: tuple[type, ...]
