@@ -115,6 +115,28 @@ def time_steps(step: Callable[[], Any], steps: int, *, quiet_wait_s: float = 0.0
         clock.start()
         step()
         windows.append(clock.stop())
+    return _summary(windows, others_before)
+
+
+def time_interleaved(steps_by_name: dict[str, Callable[[], Any]], steps: int, *,
+                     quiet_wait_s: float = 0.0) -> dict[str, dict[str, Any]]:
+    """`time_steps` for several step functions at once, run round-robin (a, b, a, b, ...).
+
+    Interleaving spreads any change in background load over every variant alike, which is what
+    a ratio between them needs on a shared machine. Returns one `time_steps` summary per name.
+    """
+    others_before = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else None
+    clock = CpuClock()
+    windows: dict[str, list[Window]] = {name: [] for name in steps_by_name}
+    for _ in range(steps):
+        for name, step in steps_by_name.items():
+            clock.start()
+            step()
+            windows[name].append(clock.stop())
+    return {name: _summary(ws, others_before) for name, ws in windows.items()}
+
+
+def _summary(windows: list[Window], others_before: float | None) -> dict[str, Any]:
     walls = [w.wall_s for w in windows]
     total_wall = sum(walls)
     return {
@@ -160,6 +182,15 @@ def machine() -> dict[str, Any]:
 
 
 RESULT_PREFIX = "BENCH_RESULT "
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment of a pinned worker: `threads` OpenMP/MKL threads, the repository importable,
+    TensorFlow's import chatter off."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                TF_CPP_MIN_LOG_LEVEL="2",
+                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
 
 
 def run_worker(args: Sequence[str], cpus: Sequence[int], env: dict[str, str],

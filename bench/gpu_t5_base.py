@@ -111,7 +111,7 @@ def worker_peftjax(method: str, batch: int, steps: int, base_dtype: str, remat: 
     compile_s = time.perf_counter() - start
     # FLOPs of the program before compilation: the compiled GPU program's matmuls are cuBLAS
     # custom calls, which its cost analysis does not count.
-    cost = lowered.cost_analysis()
+    cost = lowered.cost_analysis() or compiled.cost_analysis()  # None on some GPU backends
     cost = cost[0] if isinstance(cost, list) else cost
     holder = {"state": state}
 
@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="print one JSON line at the end")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-fp32-base", action="store_true")
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -211,6 +212,8 @@ def main() -> None:
             "peftjax_lora_bf16base": ["peftjax", "lora", "bfloat16", "none", "unrolled"],
             "peftjax_lora_fp32base": ["peftjax", "lora", "float32", "none", "unrolled"],
             "peftjax_full": ["peftjax", "full", "float32", "none", "unrolled"]}
+    if args.skip_fp32_base:
+        del runs["peftjax_lora_fp32base"]
     if not args.skip_hf:
         runs["hf_peft_lora"] = ["hf"]
     for key, argv in runs.items():
@@ -218,7 +221,7 @@ def main() -> None:
         print(key, json.dumps(results[key]), flush=True)
     rate = results["matmul"].get("tflops_median")
     for key in ("peftjax_lora_bf16base", "peftjax_lora_fp32base", "peftjax_full"):
-        run = results[key]
+        run = results.get(key, {})
         if rate and "tflops" in run:
             run["utilisation_vs_matmul"] = run["tflops"] / rate
     hf, ours = results.get("hf_peft_lora", {}), results["peftjax_lora_bf16base"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,18 @@ TARGET_SPEEDUP = 3.0  # peftjax LoRA tokens/s over HF peft's
 # T5 v1.1 small (google/t5-v1_1-small); the peftjax worker checks preset("small") against it.
 SHAPE = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_heads=6,
              num_encoder_layers=8, num_decoder_layers=8)
+# `--quick`: a tiny model, batch and matmul that check the plumbing in seconds (numbers mean
+# nothing); `use_quick_shapes` switches this module's constants to them.
+QUICK = False
+QUICK_SHAPE = dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_heads=4,
+                   num_encoder_layers=1, num_decoder_layers=1)
+
+
+def use_quick_shapes() -> None:
+    """Switch the shapes of this process to `QUICK_SHAPE`, batch 2 x 16 / 8, 128^3 matmuls."""
+    global QUICK, SHAPE, BATCH, SOURCE_LEN, TARGET_LEN, TOKENS_PER_STEP, MATMUL_N
+    QUICK, SHAPE, BATCH, SOURCE_LEN, TARGET_LEN, MATMUL_N = True, QUICK_SHAPE, 2, 16, 8, 128
+    TOKENS_PER_STEP = BATCH * (SOURCE_LEN + TARGET_LEN)
 
 
 def synthetic_batch() -> dict[str, Any]:
@@ -127,7 +138,7 @@ def worker_peftjax(method: str, steps: int, warmup: int, quiet_wait_s: float) ->
     from peftjax.train.step import init_train_state, make_eval_step, make_train_step
 
     rss_after_import = common.rss_mb()
-    cfg = preset("small")
+    cfg = preset("small", **SHAPE) if QUICK else preset("small")
     mismatch = {k: (getattr(cfg, k), v) for k, v in SHAPE.items() if getattr(cfg, k) != v}
     if mismatch or cfg.feed_forward_proj != "gated-gelu" or cfg.tie_word_embeddings:
         raise RuntimeError(f"preset('small') is not the T5 v1.1 small shape: {mismatch}")
@@ -179,17 +190,11 @@ def worker_peftjax(method: str, steps: int, warmup: int, quiet_wait_s: float) ->
             "rss_after_import_mb": rss_after_import, "peak_rss_mb": common.peak_rss_mb()}
 
 
-def worker_hf(method: str, steps: int, warmup: int, quiet_wait_s: float,
-              threads: int) -> dict[str, Any]:
-    """`method`: "lora" (HF peft LoRA) or "full" (plain model, every parameter trained)."""
-    import peft
+def hf_base_model() -> Any:
+    """`transformers.T5ForConditionalGeneration` of `SHAPE` (random weights, untied head)."""
     import torch
     import transformers
-    from torch.utils.flop_counter import FlopCounterMode
 
-    rss_after_import = common.rss_mb()
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
     config = transformers.T5Config(
         vocab_size=SHAPE["vocab_size"], d_model=SHAPE["d_model"], d_kv=SHAPE["d_kv"],
         d_ff=SHAPE["d_ff"], num_heads=SHAPE["num_heads"], num_layers=SHAPE["num_encoder_layers"],
@@ -200,6 +205,21 @@ def worker_hf(method: str, steps: int, warmup: int, quiet_wait_s: float,
     # tie_word_embeddings=True; False only turns off decoder-output scaling). T5 v1.1 has an
     # untied head, as peftjax's preset does: give lm_head its own weight.
     model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    return model
+
+
+def worker_hf(method: str, steps: int, warmup: int, quiet_wait_s: float,
+              threads: int) -> dict[str, Any]:
+    """`method`: "lora" (HF peft LoRA) or "full" (plain model, every parameter trained)."""
+    import peft
+    import torch
+    import transformers  # noqa: F401  (loaded before `rss_after_import`, as before)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rss_after_import = common.rss_mb()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = hf_base_model()
     base_params = sum(p.numel() for p in model.parameters())
     if method == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(
@@ -256,9 +276,7 @@ def run_worker_in_process(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     cpus = common.first_cpus(args.threads)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = common.worker_env(args.threads)
     names = ["jax_matmul", "torch_matmul", "peftjax_lora", "hf_lora"]
     if not args.no_full_ft:
         names += ["peftjax_full", "hf_full"]
@@ -268,7 +286,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         payload = common.run_worker(
             [str(Path(__file__).resolve()), "--worker", name, "--steps", str(args.steps),
              "--warmup", str(args.warmup), "--threads", str(args.threads),
-             "--quiet-wait", str(args.quiet_wait)], cpus, env, timeout_s=args.timeout)
+             "--quiet-wait", str(args.quiet_wait), *(["--quick"] if QUICK else [])],
+            cpus, env, timeout_s=args.timeout)
         results[name] = json.loads(payload)
         r = results[name]
         print(f"[bench] {name}: median {r['step_s']:.3f} s (min {r['step_min_s']:.3f}), "
@@ -283,7 +302,7 @@ def summarize(r: dict[str, Any], args: argparse.Namespace, cpus: list[int]) -> d
     out: dict[str, Any] = {
         "machine": common.machine(), "threads": args.threads, "cpus": cpus, "steps": args.steps,
         "batch": BATCH, "source_len": SOURCE_LEN, "target_len": TARGET_LEN,
-        "tokens_per_step": TOKENS_PER_STEP,
+        "tokens_per_step": TOKENS_PER_STEP, "quick": QUICK,
         "peftjax_step_s": pj["step_s"], "peftjax_step_min_s": pj["step_min_s"],
         "peftjax_tokens_per_s": TOKENS_PER_STEP / pj["step_s"],
         "hf_peft_step_s": hf["step_s"], "hf_peft_step_min_s": hf["step_min_s"],
@@ -326,6 +345,8 @@ def summarize(r: dict[str, Any], args: argparse.Namespace, cpus: list[int]) -> d
 
 def print_table(s: dict[str, Any]) -> None:
     m = s["machine"]
+    if s.get("quick"):
+        print("\n--quick: tiny shapes, the numbers below only check the plumbing")
     print(f"\nT5 v1.1 small, batch {s['batch']} x {s['source_len']} in / {s['target_len']} out "
           f"({s['tokens_per_step']} tokens/step), {s['threads']} threads on CPUs {s['cpus']}; "
           f"{m['nproc']} x {m['cpu_model']}")
@@ -383,10 +404,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="max seconds each worker waits for other processes to go idle")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-worker timeout (s)")
     parser.add_argument("--json", action="store_true", help="print a JSON object as last line")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, to check the plumbing (the numbers mean nothing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
+    if args.quick:
+        use_quick_shapes()
 
     if args.worker:
         result = run_worker_in_process(args)

@@ -9,6 +9,10 @@
         # generated adapters as an ordinary per-task run (--language_id for Hyper-X runs)
     peftjax routing --workdir runs/poly --out runs/poly/routing.npz  # every router's weights
 
+Multi-process (one run over several hosts; see launch/ for launchers):
+    peftjax train ... --coordinator HOST:PORT --num_processes N --process_id I
+    peftjax train ... --distributed=auto     # Cloud TPU pods, SLURM
+
 `--config` takes an ml-collections config file (optionally `file.py:arg`); any key can be
 overridden with `--config.section.key=value`.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 
 # Before TensorFlow is imported (through seqio): keep its C++ logs out of the user's terminal.
@@ -44,6 +49,15 @@ _LANGUAGE = flags.DEFINE_integer("language_id", 0, "export-adapters: the languag
                                  "adapters a task x language hypernetwork exports.")
 _EXAMPLES = flags.DEFINE_integer("examples", 8, "routing: eval examples per task that token "
                                  "routers are run on.")
+# Multi-process runs (peftjax/distributed.py; the launchers in launch/ set these).
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a "
+                                   "multi-process run (env PEFTJAX_COORDINATOR).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (env "
+                                      "PEFTJAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. "
+                                   "num_processes - 1 (env PEFTJAX_PROCESS_ID).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", None, ["auto"], "auto: let JAX detect the "
+                                 "processes (Cloud TPU pods, SLURM).")
 
 
 class UserError(Exception):
@@ -57,6 +71,7 @@ def _run(command: str) -> None:
     from peftjax.models.hf import CheckpointError
     from peftjax.train import evaluate_run, train
     from peftjax.train.evaluate import format_table
+    from peftjax.train.preemption import Preempted
 
     if _WORKDIR.value is None and command != "params":
         raise UserError("--workdir is required.")
@@ -65,13 +80,17 @@ def _run(command: str) -> None:
         raise UserError("--config is required, e.g. --config configs/quickstart.py")
     if _CONFIG.value is not None:
         _make_task_modules_importable(flags.FLAGS["config"].config_filename)
+    _join_processes()
     try:
         if command == "params":
             from peftjax.train.accounting import count_parameters
 
             print(json.dumps(count_parameters(_CONFIG.value)))
         elif command == "train":
-            train(_CONFIG.value, _WORKDIR.value)
+            try:
+                train(_CONFIG.value, _WORKDIR.value)
+            except Preempted as e:  # a clean stop: exit 0, so schedulers just start it again
+                _report_preemption(e)
         elif command == "export-peft":
             from peftjax.interop.export import export_run
 
@@ -101,6 +120,29 @@ def _run(command: str) -> None:
     except (ConfigError, CheckpointError, CheckpointMismatchError, FileNotFoundError,
             ImportError, ValueError, KeyError) as e:
         raise UserError(str(e).strip('"')) from e
+
+
+def _join_processes() -> None:
+    """A multi-process run: join the other processes before anything touches a JAX device."""
+    from peftjax import distributed
+
+    try:
+        setup = distributed.settings(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                     _DISTRIBUTED.value)
+        joined = distributed.initialize(setup)
+    except distributed.DistributedError as e:
+        raise UserError(str(e)) from e
+    if joined:
+        print(distributed.describe(), flush=True)
+
+
+def _report_preemption(e) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        command = "peftjax " + shlex.join(sys.argv[1:])
+        print(f"peftjax train: {e.reason}: saved a checkpoint at step {e.step} in {e.directory}."
+              f" Resume with the same command: {command}", flush=True)
 
 
 def _routing(workdir: str, out: str | None, examples: int) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from peftjax.sharding.mesh import DEFAULT_RULES
+from peftjax.sharding.presets import DEFAULT_SHAPE, DEFAULT_TENSOR_PARALLEL
 
 
 class ConfigError(ValueError):
@@ -28,7 +29,19 @@ def default_config() -> ConfigDict:
     c.model.hf_path = ""  # HF T5 checkpoint directory; overrides `size` when set
     c.model.vocab_size = 0  # 0 = the preset's (or checkpoint's) vocabulary size
     c.model.dropout_rate = 0.0
-    c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (on accelerators). Trainable
+    # (PEFT) weights, their gradients and optimizer state stay float32 masters whatever it is;
+    # norms, softmaxes, router gates, logits and the loss are computed in float32.
+    c.model.param_dtype = "float32"  # storage of the FROZEN base: float32 | bfloat16 (halves
+    # its memory). method=full trains the base, so it needs float32 (else a ConfigError).
+    # Run each layer stack as one jax.lax.scan (compile time flat in depth) instead of unrolled;
+    # same parameters, paths and values. Needs PEFT modules alike in every layer (hypernetwork
+    # methods are refused).
+    c.model.scan_layers = False
+    # Rematerialise each layer in the backward pass: none | full (keep nothing, recompute the
+    # layer) | dots (keep matmul outputs) | dots_no_batch (keep weight matmuls only), after
+    # jax.checkpoint_policies. Same values; trades compute for activation memory.
+    c.model.remat = "none"
 
     c.peft = ConfigDict()
     # lora | houlsby | pfeiffer | parallel | compacter | compacter_pp | phm | ia3 | prompt_tuning
@@ -128,9 +141,25 @@ def default_config() -> ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.progress = True  # progress bar on stderr
+    # Micro-batches per optimizer step: the global batch (data.batch_size) is split into this
+    # many along the batch axis, gradients summed over them in float32 and divided by the
+    # total token count, so the update equals the one-big-batch update at 1/k the
+    # activation memory. data.batch_size must divide by it x the data-parallel shards.
+    c.train.grad_accum_steps = 1
 
     c.mesh = ConfigDict()
-    c.mesh.shape = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    # Mesh presets (peftjax.sharding.presets), over all N devices; one rules table for all:
+    #   dp       data = N: the batch splits, every weight is replicated
+    #   fsdp     fsdp = N: the batch splits, and every weight's `embed` dimension (the frozen
+    #            base's above all; adapters split where they share a dimension with the base)
+    #   fsdp_tp  model = tensor_parallel, fsdp = N / tensor_parallel: as fsdp, plus heads / MLP
+    #            width / vocabulary over `model`
+    # "" uses `shape` as given. A preset with a changed `shape` is an error (never ignored).
+    c.mesh.preset = ""
+    c.mesh.tensor_parallel = DEFAULT_TENSOR_PARALLEL  # the `model` axis of preset fsdp_tp (2)
+    # data / fsdp / model sizes when preset is ""; one -1 takes the remaining devices
+    c.mesh.shape = ConfigDict(dict(DEFAULT_SHAPE))
+    # Logical axis -> mesh axis (None = replicated); every variable's axes must be named here.
     c.mesh.rules = DEFAULT_RULES
     return c
 

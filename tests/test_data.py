@@ -299,13 +299,18 @@ def test_resume_with_start_batch_equals_uninterrupted_stream(registered):
     assert not np.array_equal(other_seed["encoder_input_tokens"], full[0]["encoder_input_tokens"])
 
 
-def test_shards_read_disjoint_examples(registered):
-    def inputs(shard_index):
-        kwargs = dict(batch_size=32, pack=False, seed=0, shard_index=shard_index, num_shards=2)
-        (batch,) = take(pipeline.train_batches("synthetic_copy", **kwargs, **LENGTHS), 1)
-        return {row.tobytes() for row in batch["encoder_input_tokens"]}
-
-    assert inputs(0).isdisjoint(inputs(1))
+def test_shards_are_the_rows_of_one_global_batch(registered):
+    """Process shards split the same global batches (whatever the process count)."""
+    kwargs = dict(batch_size=8, pack=True, seed=0, **LENGTHS)
+    whole = take(pipeline.train_batches("synthetic_suite", **kwargs), 2)
+    shards = [take(pipeline.train_batches("synthetic_suite", shard_index=i, num_shards=4,
+                                          **kwargs), 2) for i in range(4)]
+    for step, batch in enumerate(whole):
+        for key, value in batch.items():
+            np.testing.assert_array_equal(
+                np.concatenate([shard[step][key] for shard in shards]), value, err_msg=key)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        pipeline.train_batches("synthetic_suite", shard_index=0, num_shards=3, **kwargs)
 
 
 def test_eval_batches_are_ordered_padded_and_labelled(registered):

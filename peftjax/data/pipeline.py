@@ -225,7 +225,6 @@ def _task_features(
     shuffle: bool,
     seed: int | None,
     num_epochs: int | None,
-    shard_info: seqio.ShardInfo | None = None,
 ) -> tf.data.Dataset:
     """Preprocessed, unbatched examples (inputs, targets, task_id, language_id, *_pretokenized)."""
     _check_split(provider, split)
@@ -234,7 +233,6 @@ def _task_features(
         split=split,
         shuffle=shuffle,
         seed=seed,
-        shard_info=shard_info,
         num_epochs=num_epochs,
     )
     if isinstance(provider, seqio.Mixture):
@@ -257,14 +255,23 @@ def train_batches(
 ) -> Iterator[Batch]:
     """Endless, shuffled training batches of a task or mixture.
 
-    Deterministic given (name, lengths, pack, seed, shard): the stream is fixed by `seed`, and
+    Deterministic given (name, lengths, pack, seed): the stream is fixed by `seed`, and
     `start_batch` skips that many batches, so a run resumed at step k sees exactly the batches
     an uninterrupted run would have. Skipping still computes the skipped batches (cheap here;
-    O(start_batch)). Each of `num_shards` data-parallel hosts reads a disjoint part of the data.
+    O(start_batch)).
+
+    Multi-process runs: `batch_size` is the GLOBAL batch. Every process reads the same global
+    stream and keeps rows [shard_index * batch_size / num_shards, (shard_index + 1) * ...) of
+    each global batch (`peftjax.distributed.batch_shard` gives a process its shard). So the
+    global batch of every step is the same whatever the number of processes: 2 processes x 2
+    devices train exactly like 1 x 4, and a run resumed on another topology continues the same
+    stream. The price: each process reads and preprocesses the whole stream (num_shards times
+    the host work of disjoint per-host files), cheap for PEFT-sized data next to the model step.
 
     Returns:
-      Iterator of dicts of int32 arrays: [batch_size, inputs_length] for encoder_* features,
-      [batch_size, targets_length] for decoder_* features (see TaskAwareEncDecFeatureConverter).
+      Iterator of dicts of int32 arrays: [batch_size / num_shards, inputs_length] for encoder_*
+      features, [batch_size / num_shards, targets_length] for decoder_* features (see
+      TaskAwareEncDecFeatureConverter).
     """
     _check_positive(
         batch_size=batch_size,
@@ -276,19 +283,24 @@ def train_batches(
         raise ValueError(f"start_batch must be >= 0, got {start_batch}.")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}.")
+    if batch_size % num_shards:
+        raise ValueError(
+            f"The global batch_size {batch_size} does not split into {num_shards} equal process "
+            "shards; make config.data.batch_size a multiple of the number of processes."
+        )
     provider = resolve(name)
     lengths = {"inputs": inputs_length, "targets": targets_length}
     ds = _task_features(
-        provider,
-        lengths,
-        split=TRAIN_SPLIT,
-        shuffle=True,
-        seed=seed,
-        num_epochs=None,
-        shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
+        provider, lengths, split=TRAIN_SPLIT, shuffle=True, seed=seed, num_epochs=None
     )
     ds = TaskAwareEncDecFeatureConverter(pack=pack)(ds, lengths)
     ds = ds.batch(batch_size, drop_remainder=True).skip(start_batch)
+    if num_shards > 1:
+        rows = batch_size // num_shards
+        ds = ds.map(
+            lambda batch: {k: v[shard_index * rows : (shard_index + 1) * rows] for k, v in
+                           batch.items()}
+        )
     return _with_options(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator()
 
 

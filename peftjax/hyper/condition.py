@@ -80,10 +80,10 @@ class Conditioner(nnx.Module):
             jnp.asarray(data.descriptions, jnp.float32),
             axes=("tasks", "embed")) if kind == "description" else None
         self.task_embed = HyperParam(
-            jax.random.normal(rngs.params(), (data.num_tasks, embed_dim)),
+            jax.random.normal(rngs.params(), (data.num_tasks, embed_dim), jnp.float32),
             axes=("tasks", "hyper_embed")) if kind != "description" else None
         self.language_embed = HyperParam(
-            jax.random.normal(rngs.params(), (self.num_languages, embed_dim)),
+            jax.random.normal(rngs.params(), (self.num_languages, embed_dim), jnp.float32),
             axes=("languages", "hyper_embed")) if kind == "task_language" else None
 
     @property

@@ -101,20 +101,20 @@ class SiteGroup(nnx.Module):
         self.layer_index = tuple(s.layer for s in sites)
         self.position_index = tuple(positions.index(s.position) for s in sites)
         self.layer_embed = HyperParam(
-            jax.random.normal(rngs.params(), (max(self.layer_index) + 1, embed_dim)),
+            jax.random.normal(rngs.params(), (max(self.layer_index) + 1, embed_dim), jnp.float32),
             axes=("hyper_layers", "hyper_embed")) if site_embeddings else None
         self.position_embed = HyperParam(
-            jax.random.normal(rngs.params(), (len(positions), embed_dim)),
+            jax.random.normal(rngs.params(), (len(positions), embed_dim), jnp.float32),
             axes=("hyper_positions", "hyper_embed")) if site_embeddings else None
         in_dim = cond_dim + (2 * embed_dim if site_embeddings else 0)
         self.w1 = HyperParam(_normal(rngs, (in_dim, hidden), REFERENCE_STD),
                              axes=("hyper_in", "hyper_hidden"))
-        self.b1 = HyperParam(jnp.zeros((hidden,)), axes=("hyper_hidden",))
+        self.b1 = HyperParam(jnp.zeros((hidden,), jnp.float32), axes=("hyper_hidden",))
         self.w2 = HyperParam(_normal(rngs, (hidden, proj_dim), REFERENCE_STD),
                              axes=("hyper_hidden", "hyper_proj"))
-        self.b2 = HyperParam(jnp.zeros((proj_dim,)), axes=("hyper_proj",))
-        self.norm_scale = HyperParam(jnp.ones((proj_dim,)), axes=("hyper_proj",))
-        self.norm_bias = HyperParam(jnp.zeros((proj_dim,)), axes=("hyper_proj",))
+        self.b2 = HyperParam(jnp.zeros((proj_dim,), jnp.float32), axes=("hyper_proj",))
+        self.norm_scale = HyperParam(jnp.ones((proj_dim,), jnp.float32), axes=("hyper_proj",))
+        self.norm_bias = HyperParam(jnp.zeros((proj_dim,), jnp.float32), axes=("hyper_proj",))
         lead, lead_axes = ((), ()) if site_embeddings else ((len(sites),), ("hyper_sites",))
         # An nnx.List in `self.outputs` order (an nnx.Dict's items come back as tuples when
         # the module runs under nnx.capture, as the train step runs it).

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.config import ConfigError
 from peftjax.hyper.condition import Conditioner
 from peftjax.hyper.generator import HyperNetwork, Output, SiteGroup, SiteInfo
 from peftjax.models.context import Context, dropout, site_salt
@@ -116,7 +117,18 @@ def _record(site: Site, info: SiteInfo, key: str, outputs: dict[str, Output]) ->
     site.shared.setdefault(_SITES, []).append((info, key, outputs))
 
 
+def _check_unrolled(site: Site, config: PeftConfig) -> None:
+    """Generated weights are looked up by site path, a per-layer name a scanned stack (one
+    structure for every layer) cannot hold."""
+    if site.model_config.scan_layers:
+        raise ConfigError(
+            f"config.peft.method={config.method!r} applies weights its hypernetwork generates "
+            "per site, looked up by each layer's path, so its layers differ and cannot run as "
+            "one scan. Set config.model.scan_layers=False (config.model.remat still works).")
+
+
 def _build_bottleneck(hook: Hook, site: Site, config: PeftConfig) -> HyperBottleneck:
+    _check_unrolled(site, config)
     d = site.model_config.d_model
     m = d // config.reduction_factor
     if m <= 0:
@@ -130,6 +142,7 @@ def _build_bottleneck(hook: Hook, site: Site, config: PeftConfig) -> HyperBottle
 
 
 def _build_lora(dense: Dense, site: Site, config: PeftConfig) -> HyperLoRADense:
+    _check_unrolled(site, config)
     outputs = lora_outputs(dense.in_features, dense.out_features, config.rank,
                            config.hyper_proj_dim)
     # Sites of one shape share heads; module type and layer tell them apart.

@@ -11,7 +11,7 @@ from flax import nnx
 
 from peftjax.models.config import T5Config
 from peftjax.models.context import Context, dropout
-from peftjax.models.layers import Dense, KeyValueHook, normal
+from peftjax.models.layers import Dense, KeyValueHook, init_normal
 
 # Finite (not -inf) so a fully masked row gives a uniform softmax instead of NaN.
 MASK_VALUE = -1e9
@@ -52,7 +52,8 @@ class RelativePositionBias(nnx.Module):
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
         self.embedding = nnx.Param(
-            normal(cfg.d_model ** -0.5)(rngs.params(), (self.num_buckets, cfg.num_heads)),
+            init_normal(rngs.params(), (self.num_buckets, cfg.num_heads), cfg.d_model ** -0.5,
+                        jnp.dtype(cfg.param_dtype)),
             axes=("relpos_buckets", "heads"))
 
     def __call__(self, query_length: int, key_length: int) -> jax.Array:

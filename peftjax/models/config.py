@@ -6,6 +6,9 @@ import dataclasses
 from typing import Any
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+# Rematerialisation of each layer call (`T5Config.remat`), named after the
+# `jax.checkpoint_policies` they use: what a layer keeps for the backward pass.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,14 @@ class T5Config:
     scale_decoder_outputs: bool = False
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
+    # How the layer stacks run; neither changes the parameters or what the model computes.
+    # scan_layers: one `jax.lax.scan` over each stack's layers (compile time flat in depth);
+    # needs layers that are alike (the same PEFT modules in every layer).
+    scan_layers: bool = False
+    # What each layer keeps for the backward pass: none (everything, no recomputation) | full
+    # (nothing: the layer is recomputed) | dots (matmul outputs) | dots_no_batch (matmul outputs
+    # without batch dimensions, i.e. weight matmuls, not attention scores).
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         _ = self.activation  # validates feed_forward_proj
@@ -42,6 +53,9 @@ class T5Config:
                      "num_encoder_layers", "num_decoder_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"T5Config.{name} must be positive, got {getattr(self, name)}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"Unknown remat policy {self.remat!r} (config.model.remat); choose "
+                             f"one of {REMAT_POLICIES}.")
 
     @property
     def is_gated(self) -> bool:

@@ -7,6 +7,7 @@ task state. PEFT modules read the task ids from here; dropout reads its key from
 from __future__ import annotations
 
 import dataclasses
+import re
 import zlib
 
 import jax
@@ -46,8 +47,26 @@ class Context:
 
 
 def site_salt(name: str) -> int:
-    """A stable integer for a dropout site, so every site draws an independent mask."""
-    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+    """A stable integer for a dropout site, so every site draws an independent mask.
+
+    The layer index of a path is left out (`encoder.layers.3.mlp.wo` salts as
+    `encoder.layers.*.mlp.wo`): layers differ by their dropout key instead (`layer_context`),
+    so every layer of a stack holds the same static data and the stack can run as one
+    `jax.lax.scan` (`T5Config.scan_layers`).
+    """
+    return zlib.crc32(_LAYER_INDEX.sub("layers.*", name).encode()) & 0x7FFFFFFF
+
+
+_LAYER_INDEX = re.compile(r"(?<![^.])layers\.\d+(?![^.])")
+
+
+def layer_context(ctx: Context, index: int | jax.Array) -> Context:
+    """The context of layer `index` of a stack: its dropout key folded with the index (a Python
+    int when the stack is unrolled, a traced one inside a scan: both give the same key), so
+    layers draw different masks from the same per-site salts."""
+    if ctx.dropout_key is None:
+        return ctx
+    return ctx.replace(dropout_key=jax.random.fold_in(ctx.dropout_key, index))
 
 
 def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:

@@ -21,15 +21,12 @@ def greedy_decode(model: T5, encoder_input_tokens: jax.Array, *, max_length: int
     when every row has emitted EOS. Call under `jax.jit` (static `max_length`). A hypernetwork
     generates its adapters once, before the loop (`T5.contexts`).
     """
-    cfg = model.config
     batch = encoder_input_tokens.shape[0]
     enc_ctx, dec_ctx = model.contexts(task_ids=task_ids, language_ids=language_ids)
     encoded, key_mask = model.encode(encoder_input_tokens, enc_ctx)
     cross_kv = model.decoder.cross_key_values(encoded, enc_ctx)
     cross_bias = mask_to_bias(key_mask[:, None, None, :])
-    cache_shape = (batch, max_length, cfg.num_heads, cfg.d_kv)
-    caches = [(jnp.zeros(cache_shape, cfg.dtype), jnp.zeros(cache_shape, cfg.dtype))
-              for _ in range(cfg.num_decoder_layers)]
+    caches = model.decoder.init_caches(batch, max_length)  # stacked with config.scan_layers
 
     def body(state):
         index, token_b, caches, out_bt, done_b = state

@@ -17,6 +17,12 @@ def normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+def init_normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+    """N(0, std²) drawn in float32, then stored in `dtype`: a seeded base stored in bfloat16
+    (`T5Config.param_dtype`) is the float32 one rounded, the same model, not another draw."""
+    return normal(std)(key, shape, jnp.float32).astype(dtype)
+
+
 class Dense(nnx.Module):
     """`y = x @ kernel` (T5 has no biases). kernel: `[in, out]`.
 
@@ -27,7 +33,7 @@ class Dense(nnx.Module):
                  std: float, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
-        self.kernel = nnx.Param(normal(std)(rngs.params(), (in_features, out_features),
+        self.kernel = nnx.Param(init_normal(rngs.params(), (in_features, out_features), std,
                                             param_dtype), axes=axes)
 
     def __call__(self, x: jax.Array, ctx: Context | None = None) -> jax.Array:
@@ -41,8 +47,8 @@ class Embed(nnx.Module):
     def __init__(self, vocab_size: int, features: int, *, rngs: nnx.Rngs, std: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         self.dtype = dtype
-        self.embedding = nnx.Param(normal(std)(rngs.params(), (vocab_size, features), param_dtype),
-                                   axes=("vocab", "embed"))
+        self.embedding = nnx.Param(init_normal(rngs.params(), (vocab_size, features), std,
+                                               param_dtype), axes=("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)

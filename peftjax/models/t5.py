@@ -14,9 +14,20 @@ Named PEFT insertion points, as dotted module paths (see `peftjax.peft.inject`):
 Projections are `Dense` modules, residual hooks `Hook`, the prompt point an `EmbeddingHook` and
 the prefix points `KeyValueHook`s; PEFT methods replace or wrap them.
 Inputs use seqio feature names; token 0 is padding and the decoder start token.
+
+Layer stacks keep one module per layer (the paths above, for PEFT injection, checkpoints and HF
+weights). With `T5Config.scan_layers` a stack still runs as one `jax.lax.scan`: its layers are
+split, their states stacked along a new leading axis (a copy per call, inside the jitted step)
+and the one layer structure they share is applied to each slice, so compile time does not grow
+with depth; gradients flow back through the stack into each layer's parameters. `T5Config.remat`
+wraps each layer call (scanned or not) in `jax.checkpoint`. Layers hold no per-layer static data:
+dropout differs between layers through the layer index folded into the key (`layer_context`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +35,7 @@ from flax import nnx
 
 from peftjax.models.attention import Attention, RelativePositionBias, mask_to_bias
 from peftjax.models.config import T5Config
-from peftjax.models.context import Context, dropout, site_salt
+from peftjax.models.context import Context, dropout, layer_context, site_salt
 from peftjax.models.layers import Dense, Embed, EmbeddingHook, Hook, RMSNorm, activation_fn
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values: [batch, max_length, heads, d_kv]
@@ -69,7 +80,8 @@ class _Layer(nnx.Module):
 
 class EncoderLayer(_Layer):
     def __init__(self, cfg: T5Config, index: int, *, rngs: nnx.Rngs):
-        name = f"encoder.{index}"
+        del index  # every layer is built alike (scan_layers); the key tells layers apart
+        name = "encoder.layer"
         self.attention_norm = _norm(cfg)
         self.self_attention = Attention(cfg, salt=site_salt(name + ".attn"), rngs=rngs)
         self.post_attention = Hook()
@@ -89,7 +101,8 @@ class EncoderLayer(_Layer):
 
 class DecoderLayer(_Layer):
     def __init__(self, cfg: T5Config, index: int, *, rngs: nnx.Rngs):
-        name = f"decoder.{index}"
+        del index  # every layer is built alike (scan_layers); the key tells layers apart
+        name = "decoder.layer"
         self.attention_norm = _norm(cfg)
         self.self_attention = Attention(cfg, salt=site_salt(name + ".attn"), rngs=rngs)
         self.post_attention = Hook()
@@ -126,8 +139,133 @@ def _segment_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
     return (q_segments[:, None, :, None] == k_segments[:, None, None, :])
 
 
+# ---- running a layer stack: unrolled, or one scan; each layer call optionally rematerialised
+
+# `call(layer, carry, x, ctx, index) -> (carry, y)`: one layer's step; `x` is the layer's slice of
+# the per-layer inputs, `ctx` its context (`layer_context`), `index` its position in the stack.
+LayerCall = Callable[[nnx.Module, Any, Any, Context, Any], tuple[Any, Any]]
+
+_REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
+          "dots": jax.checkpoint_policies.dots_saveable,
+          "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_layer: Any,
+               ctx: Context, *, cfg: T5Config, name: str) -> tuple[Any, Any]:
+    """Thread `carry` through `layers` in order: `(carry, ys)`.
+
+    Unrolled (`cfg.scan_layers` False), `per_layer` is a list with one entry per layer (or None)
+    and `ys` a list. Scanned, `per_layer` is a pytree stacked on a leading layer axis (or None)
+    and so is `ys`. Layer `i` sees `layer_context(ctx, i)` either way, so both give the same
+    values, dropout included. What routers record (`peftjax.routing.capture`) inside a scanned
+    or rematerialised layer comes back as outputs and is written to that layer's modules, as an
+    unrolled call would have recorded it.
+    """
+    if not cfg.scan_layers and cfg.remat == "none":
+        ys = []
+        for i, layer in enumerate(layers):
+            x = None if per_layer is None else per_layer[i]
+            carry, y = call(layer, carry, x, layer_context(ctx, i), i)
+            ys.append(y)
+        return carry, ys
+    # The recorded intermediates (a `capture` in progress) are per call, not stacked.
+    parts = [nnx.split(layer, nnx.Intermediate, ...) for layer in layers]
+    if not cfg.scan_layers:
+        ys = []
+        for i, (layer, (graphdef, recorded, state)) in enumerate(zip(layers, parts, strict=True)):
+            body = _layer_body(graphdef, recorded, call, ctx, cfg)
+            x = None if per_layer is None else per_layer[i]
+            carry, (y, recorded_now) = body(carry, (state, x, jnp.int32(i)))
+            _write_recorded(layer, recorded_now)
+            ys.append(y)
+        return carry, ys
+    graphdef, recorded, _ = parts[0]
+    _check_alike(layers, [g for g, _, _ in parts], name)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(s for _, _, s in parts))
+    body = _layer_body(graphdef, recorded, call, ctx, cfg)
+    carry, (ys, recorded_all) = jax.lax.scan(
+        body, carry, (stacked, per_layer, jnp.arange(len(layers), dtype=jnp.int32)))
+    for i, layer in enumerate(layers):
+        _write_recorded(layer, jax.tree.map(lambda a, i=i: a[i], recorded_all))
+    return carry, ys
+
+
+def _layer_body(graphdef: nnx.GraphDef, recorded: nnx.State, call: LayerCall, ctx: Context,
+                cfg: T5Config):
+    """`body(carry, (state, x, index)) -> (carry, (y, recorded))`: one layer as a pure function
+    of its state, rematerialised by `cfg.remat`."""
+    kinds = [(path, type(v)) for path, v in nnx.to_flat_state(recorded)]
+
+    def body(carry, inputs):
+        state, x, index = inputs
+        empty = nnx.from_flat_state([(path, kind({})) for path, kind in kinds])  # fresh records
+        layer = nnx.merge(graphdef, empty, state)
+        carry, y = call(layer, carry, x, layer_context(ctx, index), index)
+        return carry, (y, _recorded(layer))
+
+    if cfg.remat == "none":
+        return body
+    # prevent_cse keeps XLA from merging an unrolled layer's recomputation back into its forward
+    # pass; a scan body cannot be merged that way, and the guard would only slow it.
+    return jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def _recorded(layer: nnx.Module) -> dict[str, tuple[dict, ...]]:
+    """What `layer`'s modules recorded in this call, by relative module path."""
+    out = {}
+    for path, module in nnx.iter_modules(layer):
+        captures = getattr(module, "__captures__", None)
+        if captures:
+            out[".".join(map(str, path))] = tuple(dict(v.get_value()) for v in captures)
+    return out
+
+
+def _write_recorded(layer: nnx.Module, recorded: dict[str, tuple[dict, ...]]) -> None:
+    """Append what a split copy of `layer` recorded to `layer`'s own records (as `sow` does)."""
+    for path, module in nnx.iter_modules(layer):
+        got = recorded.get(".".join(map(str, path)))
+        for variable, values in zip(module.__captures__ if got else (), got or (), strict=True):
+            for key, value in values.items():
+                variable[key] = variable[key] + value if key in variable else value
+
+
+def _check_alike(layers: Sequence[nnx.Module], graphdefs: list[nnx.GraphDef], name: str) -> None:
+    """Raise ValueError, naming the first layer that differs from layer 0 and how, unless every
+    layer has the same structure (a scan applies one structure to every layer's parameters)."""
+    for i, graphdef in enumerate(graphdefs[1:], start=1):
+        if graphdef == graphdefs[0]:
+            continue
+        first = {".".join(map(str, p)): type(m).__name__ for p, m in nnx.iter_modules(layers[0])}
+        this = {".".join(map(str, p)): type(m).__name__ for p, m in nnx.iter_modules(layers[i])}
+        diffs = [p for p in sorted(first.keys() | this.keys()) if first.get(p) != this.get(p)]
+        detail = (f"at {diffs[0] or 'the layer'}: {first.get(diffs[0], 'nothing')} in layer 0, "
+                  f"{this.get(diffs[0], 'nothing')} here" if diffs else
+                  "the same modules, but with different static settings, e.g. a per-layer name "
+                  "or size")
+        raise ValueError(
+            f"config.model.scan_layers=True runs {name} as one scan, which needs every layer "
+            f"alike, but {name}.{i} differs from {name}.0 ({detail}). Set "
+            "config.model.scan_layers=False, or attach PEFT modules alike to every layer "
+            "(config.peft.targets matching the same modules in each layer).")
+
+
+def _stacked(per_layer: list | Any) -> Any:
+    """Per-layer values (a list, the unrolled form) stacked on a leading layer axis."""
+    if isinstance(per_layer, list):
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
+    return per_layer
+
+
+def _unstacked(per_layer: list | Any, n: int) -> list:
+    """Stacked per-layer values as a list (the unrolled form)."""
+    if isinstance(per_layer, list):
+        return per_layer
+    return [jax.tree.map(lambda a, i=i: a[i], per_layer) for i in range(n)]
+
+
 class Encoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.config = cfg
         self.prompt = EmbeddingHook()
         self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs)
@@ -149,14 +287,19 @@ class Encoder(nnx.Module):
             mask = mask & _segment_mask(segment_ids, segment_ids)
         bias = self.relative_attention_bias(length, length) + mask_to_bias(mask)
         x_bsd = dropout(x_bsd, self.dropout_rate, ctx, self.salts[0])
-        for layer in self.layers:
-            x_bsd = layer(x_bsd, bias, ctx)
+
+        def call(layer, x, _, layer_ctx, __):
+            return layer(x, bias, layer_ctx), None
+
+        x_bsd, _ = run_layers(self.layers, call, x_bsd, None, ctx, cfg=self.config,
+                              name="encoder.layers")
         return (dropout(self.final_norm(x_bsd, ctx), self.dropout_rate, ctx, self.salts[1]),
                 key_mask_bs)
 
 
 class Decoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.config = cfg
         self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs)
                                 for i in range(cfg.num_decoder_layers)])
@@ -164,34 +307,88 @@ class Decoder(nnx.Module):
         self.dropout_rate = cfg.dropout_rate
         self.salts = (site_salt("decoder.embed"), site_salt("decoder.final"))
 
-    def cross_key_values(self, encoded_bsd: jax.Array, enc_ctx: Context) -> list[KVCache]:
-        return [layer.cross_attention.key_values(encoded_bsd, enc_ctx) for layer in self.layers]
+    def cross_key_values(self, encoded_bsd: jax.Array, enc_ctx: Context) -> list[KVCache] | KVCache:
+        """Every layer's cross-attention keys and values of the encoded input: a list of
+        `(keys, values)`, or with `scan_layers` one pair `[layers, batch, source, heads, d_kv]`."""
 
-    def __call__(self, y_btd: jax.Array, cross_kv: list[KVCache], cross_bias: jax.Array,
-                 ctx: Context, segment_ids: jax.Array | None = None) -> jax.Array:
-        """Teacher-forced decoding of a whole target sequence."""
+        def call(layer, _, __, layer_ctx, ___):
+            return None, layer.cross_attention.key_values(encoded_bsd, layer_ctx)
+
+        return run_layers(self.layers, call, None, None, enc_ctx, cfg=self.config,
+                          name="decoder.layers")[1]
+
+    def init_caches(self, batch: int, max_length: int) -> list[KVCache] | KVCache:
+        """Empty self-attention caches for `step`: a list of `(keys, values)` `[batch,
+        max_length, heads, d_kv]`, or with `scan_layers` one pair with a leading layer axis."""
+        cfg = self.config
+        shape = (batch, max_length, cfg.num_heads, cfg.d_kv)
+        if cfg.scan_layers:
+            shape = (cfg.num_decoder_layers, *shape)
+            return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
+        return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+                for _ in range(cfg.num_decoder_layers)]
+
+    def __call__(self, y_btd: jax.Array, cross_kv: list[KVCache] | KVCache,
+                 cross_bias: jax.Array, ctx: Context,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Teacher-forced decoding of a whole target sequence (`cross_kv` from
+        `cross_key_values`)."""
         length = y_btd.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
         if segment_ids is not None:
             causal = causal & _segment_mask(segment_ids, segment_ids)
         self_bias = self.relative_attention_bias(length, length) + mask_to_bias(causal)
         y_btd = dropout(y_btd, self.dropout_rate, ctx, self.salts[0])
-        for layer, kv in zip(self.layers, cross_kv, strict=True):
-            y_btd, _ = layer(y_btd, kv, self_bias, cross_bias, ctx)
+
+        def call(layer, y, kv, layer_ctx, _):
+            return layer(y, kv, self_bias, cross_bias, layer_ctx)[0], None
+
+        n = len(self.layers)
+        kv = _stacked(cross_kv) if self.config.scan_layers else _unstacked(cross_kv, n)
+        y_btd, _ = run_layers(self.layers, call, y_btd, kv, ctx, cfg=self.config,
+                              name="decoder.layers")
         return dropout(self.final_norm(y_btd, ctx), self.dropout_rate, ctx, self.salts[1])
 
-    def step(self, y_b1d: jax.Array, index: jax.Array, caches: list[KVCache],
-             cross_kv: list[KVCache], cross_bias: jax.Array,
-             ctx: Context) -> tuple[jax.Array, list[KVCache]]:
-        """Decode position `index` given cached keys/values of positions before it."""
+    def step(self, y_b1d: jax.Array, index: jax.Array, caches: list[KVCache] | KVCache,
+             cross_kv: list[KVCache] | KVCache, cross_bias: jax.Array,
+             ctx: Context) -> tuple[jax.Array, list[KVCache] | KVCache]:
+        """Decode position `index` given cached keys/values of positions before it (`caches`
+        from `init_caches`, `cross_kv` from `cross_key_values`)."""
+        if self.config.scan_layers:
+            return self._scanned_step(y_b1d, index, caches, cross_kv, cross_bias, ctx)
         max_length = caches[0][0].shape[1]
         causal = (jnp.arange(max_length) <= index)[None, None, None, :]
         self_bias = self.relative_attention_bias.row(index, max_length) + mask_to_bias(causal)
         new_caches = []
-        for layer, kv, cache in zip(self.layers, cross_kv, caches, strict=True):
-            y_b1d, cache = layer(y_b1d, kv, self_bias, cross_bias, ctx, cache=cache, index=index)
+        cross_kv = _unstacked(cross_kv, len(self.layers))
+        for i, (layer, kv, cache) in enumerate(zip(self.layers, cross_kv, caches, strict=True)):
+            y_b1d, cache = layer(y_b1d, kv, self_bias, cross_bias, layer_context(ctx, i),
+                                 cache=cache, index=index)
             new_caches.append(cache)
         return self.final_norm(y_b1d, ctx), new_caches
+
+    def _scanned_step(self, y_b1d, index, caches, cross_kv, cross_bias, ctx):
+        """`step` as one scan over the layers. The stacked caches ride in the carry and only
+        the new position's row is written back, so XLA updates them in place."""
+        max_length = caches[0].shape[2]
+        causal = (jnp.arange(max_length) <= index)[None, None, None, :]
+        self_bias = self.relative_attention_bias.row(index, max_length) + mask_to_bias(causal)
+
+        def call(layer, carry, kv, layer_ctx, i):
+            y, (keys, values) = carry
+            cache = (keys[i], values[i])
+            y, (k_i, v_i) = layer(y, kv, self_bias, cross_bias, layer_ctx, cache=cache,
+                                  index=index)
+            rows = [jax.lax.dynamic_slice_in_dim(c, index, 1, axis=1)[None] for c in (k_i, v_i)]
+            start = (i, 0, index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(keys, rows[0], start)
+            values = jax.lax.dynamic_update_slice(values, rows[1], start)
+            return (y, (keys, values)), None
+
+        (y_b1d, caches), _ = run_layers(self.layers, call, (y_b1d, tuple(caches)),
+                                        _stacked(cross_kv), ctx, cfg=self.config,
+                                        name="decoder.layers")
+        return self.final_norm(y_b1d, ctx), caches
 
 
 class T5(nnx.Module):

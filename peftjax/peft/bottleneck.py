@@ -66,20 +66,22 @@ class BottleneckAdapter(nnx.Module):
             raise ValueError(f"Adapter bottleneck width must be positive, got {bottleneck}; "
                              "lower config.peft.reduction_factor.")
         lead, lead_axes = task_axis(num_tasks)
-        self.down = Adapter(0.01 * jax.random.normal(rngs.params(), (*lead, features, bottleneck)),
+        f32 = jnp.float32  # trainable masters (peftjax.peft.variables.MASTER_DTYPE)
+        self.down = Adapter(0.01 * jax.random.normal(rngs.params(), (*lead, features, bottleneck),
+                                                     f32),
                             axes=(*lead_axes, "embed", "adapter_bottleneck"))
-        up = (0.01 * jax.random.normal(rngs.params(), (*lead, bottleneck, features)) if norm
-              else jnp.zeros((*lead, bottleneck, features)))
+        up = (0.01 * jax.random.normal(rngs.params(), (*lead, bottleneck, features), f32) if norm
+              else jnp.zeros((*lead, bottleneck, features), f32))
         self.up = Adapter(up, axes=(*lead_axes, "adapter_bottleneck", "embed"))
         # Optional arrays are assigned once, as a Variable or None (NNX fixes each attribute's
         # kind, data or static, at its first assignment).
-        self.down_bias = Adapter(jnp.zeros((*lead, bottleneck)),
+        self.down_bias = Adapter(jnp.zeros((*lead, bottleneck), f32),
                                  axes=(*lead_axes, "adapter_bottleneck")) if bias else None
-        self.up_bias = Adapter(jnp.zeros((*lead, features)),
+        self.up_bias = Adapter(jnp.zeros((*lead, features), f32),
                                axes=(*lead_axes, "embed")) if bias else None
-        self.norm_scale = Adapter(jnp.zeros((*lead, features)),
+        self.norm_scale = Adapter(jnp.zeros((*lead, features), f32),
                                   axes=(*lead_axes, "embed")) if norm else None
-        self.norm_bias = Adapter(jnp.zeros((*lead, features)),
+        self.norm_bias = Adapter(jnp.zeros((*lead, features), f32),
                                  axes=(*lead_axes, "embed")) if norm else None
         self.act = activation_fn(activation)
         self.scale = scale

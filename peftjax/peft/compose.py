@@ -185,7 +185,8 @@ def load_peft_source(adapter_dir: str, model_config, base: str, *, rule: str = "
     from peftjax.models.hf import from_hf
 
     donor = (T5(model_config, rngs=nnx.Rngs(0)) if shapes_only else
-             from_hf(base, dtype=model_config.dtype, dropout_rate=model_config.dropout_rate))
+             from_hf(base, dtype=model_config.dtype, param_dtype=model_config.param_dtype,
+                     dropout_rate=model_config.dropout_rate))
     try:
         peft, adapted = attach_adapter(donor, adapter_dir)
     except PeftInteropError as err:

@@ -78,7 +78,7 @@ def _zeros(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def new_rule(phm_dim: int, *, std: float, num_tasks: int | None, rngs: nnx.Rngs) -> Adapter:
     """A rule tensor `[(tasks,) n, n, n]` ~ N(0, std²) (`A_k = rule[..., k, :, :]`)."""
     lead, lead_axes = task_axis(num_tasks)
-    value = std * jax.random.normal(rngs.params(), (*lead, phm_dim, phm_dim, phm_dim))
+    value = std * jax.random.normal(rngs.params(), (*lead, phm_dim, phm_dim, phm_dim), jnp.float32)
     return Adapter(value, axes=(*lead_axes, "phm", "phm", "phm"))
 
 

@@ -21,9 +21,10 @@ from peftjax.config import from_saved
 from peftjax.models.config import T5Config
 from peftjax.peft.variables import FrozenAdapter, PeftParam
 
-# T5Config fields that may differ between a run and the runs it reads: compute precision and
-# dropout change no weight.
-_NOT_ARCHITECTURE = ("dtype", "dropout_rate")
+# T5Config fields that may differ between a run and the runs it reads: compute precision, the
+# frozen base's storage precision, dropout and how the layers run (scanned, rematerialised)
+# change no weight's shape or meaning.
+_NOT_ARCHITECTURE = ("dtype", "param_dtype", "dropout_rate", "scan_layers", "remat")
 
 
 def base_identity(config: ConfigDict) -> str:
@@ -49,8 +50,8 @@ def check_fits(workdir: str, run_config: ConfigDict, model_config: T5Config, *, 
                base: str | None) -> None:
     """Raise ValueError unless the run in `workdir` was trained on this base.
 
-    Compares the architecture (every `T5Config` field but dtype and dropout) and, when `base` is
-    given, the base's identity (`base_identity`: checkpoint path or random-init seed).
+    Compares the architecture (every `T5Config` field but the dtypes and dropout) and, when
+    `base` is given, the base's identity (`base_identity`: checkpoint path or random-init seed).
     """
     from peftjax.train.experiment import model_config_from  # it imports this package
 

@@ -5,7 +5,13 @@ The base model's weights are plain `nnx.Param`. Every PEFT parameter is a `PeftP
 and later kinds (routers, hypernetworks) add their own subclasses.
 """
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
+
+# Storage dtype of everything trained (master weights), whatever `config.model.dtype` computes
+# in: each use casts to the compute dtype, so gradients and optimizer state are float32 too.
+MASTER_DTYPE = jnp.float32
 
 
 class PeftParam(nnx.Param):
@@ -44,3 +50,14 @@ TRAINABLE = PeftParam
 def trainable_filter(method: str):
     """What a run differentiates: every parameter for full fine-tuning, else the PEFT ones."""
     return nnx.Param if method == "full" else TRAINABLE
+
+
+def as_masters(state: nnx.State) -> nnx.State:
+    """`state` (the trainable part of a split model) with every floating array in float32.
+
+    Methods create their parameters in float32; this holds the rule for any that derive an init
+    from a bfloat16 base (`config.model.param_dtype`) without casting."""
+    def master(x):
+        return x.astype(MASTER_DTYPE) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(master, state)

@@ -16,19 +16,42 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "model")
 
-# Logical axis → mesh axis. Data parallel over (data, fsdp); FSDP shards the embed dimension of
-# weights; tensor parallelism splits heads / MLP / vocabulary over `model`. Adapter axes (tasks,
-# rank, bottleneck) are small and replicated by default.
+# Logical axis → mesh axis: the one table for every mesh preset (`peftjax.sharding.presets`
+# picks the mesh shape, never the rules), as in MaxText. A mesh axis of size 1 drops out, so on a
+# pure data-parallel mesh everything but the batch is replicated.
+#
+# What is big in PEFT is the frozen base, so the base's weights carry the sharding: FSDP splits
+# their `embed` dimension over `fsdp`, tensor parallelism splits heads x head width (`joined_kv`),
+# the MLP width and the vocabulary over `model`. Adapters are small and mostly replicated, except
+# along the dimensions they share with the weight they adapt: a LoRA's A `[embed, rank]` and B
+# `[rank, joined_kv]` (a bottleneck's down / up, IA3's vectors, a sparse run's phi, ...) inherit
+# the base kernel's axis names, so they split with it and the adapter's matmuls stay local to the
+# shards of the base's.
+#
+# Adapter-only axes stay replicated:
+#   - `tasks`: per-task tables are read by a gather on each example's task id; splitting their
+#     rows would all-gather them every step, and their other dims already split with the base
+#     (a per-task LoRA A is `[tasks, embed, rank]` → (None, fsdp, None)). With hundreds of tasks
+#     and a large base, `("tasks", "fsdp")` is the override to try: rows then take `fsdp` and
+#     `embed` replicates (a mesh axis is used once per array).
+#   - `skills` / `experts`: Poly / MHR inventories and MoLoRA experts are a few LoRAs per site;
+#     `("experts", "model")` (expert parallelism) is tested in tests/test_routing.py.
+#   - hypernetwork axes: a weight head is `[hyper_proj, hyper_out]`, `hyper_out` being every
+#     weight of one generated adapter (~74k at T5-base, so ~5M per head at proj 64: tens of MB,
+#     replicated). When heads grow large, `("hyper_out", "model")` splits them (tested in
+#     tests/test_hyper.py).
+# A variable must name every dimension with a logical axis listed here (`state_shardings` refuses
+# anything else); add a new name with None (replicated) when a method needs one.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp")),  # inputs: data parallel over data x fsdp
     ("length", None),
-    ("embed", "fsdp"),
+    ("embed", "fsdp"),  # d_model of every weight (FSDP); the adapters' too
     ("vocab", "model"),
-    ("joined_kv", "model"),
-    ("mlp", "model"),
-    ("heads", None),
+    ("joined_kv", "model"),  # heads x d_kv of q / k / v / o
+    ("mlp", "model"),  # d_ff
+    ("heads", None),  # relative position bias tables (tiny)
     ("relpos_buckets", None),
-    ("tasks", None),
+    ("tasks", None),  # per-task tables, gathered by task id (see above)
     ("lora_rank", None),
     ("adapter_bottleneck", None),
     ("adapter_hidden", None),  # hidden width of reparameterisation MLPs (prefix tuning)
@@ -105,12 +128,72 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Rul
     return PartitionSpec(*spec)
 
 
+def check_rules(rules: Rules) -> None:
+    """Raise ValueError unless every rule maps a logical axis to None, a mesh axis or a tuple of
+    mesh axes (of `MESH_AXES`)."""
+    for rule in rules:
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"config.mesh.rules entry {rule!r} should be (logical axis name, "
+                             f"mesh axis or None), e.g. ('embed', 'fsdp').")
+        name, target = rule
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        unknown = [t for t in targets if t not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"config.mesh.rules maps {name!r} to {target!r}: {unknown} is not a "
+                             f"mesh axis; use one of {MESH_AXES} (or None to replicate).")
+
+
+def axes_problem(variable: nnx.Variable, known: set[str]) -> str | None:
+    """Why `variable` cannot be placed by a rules table naming `known` (None: it can).
+
+    Every dimension needs a logical axis name that the table maps (a 0-d variable needs none).
+    """
+    shape = tuple(variable.get_value().shape)
+    axes = variable.get_metadata().get("axes")
+    kind = type(variable).__name__
+    if axes is None:
+        if not shape:
+            return None
+        return (f"{kind} of shape {shape} has no logical axes. Create it with one name per "
+                f"dimension, e.g. {kind}(value, axes=('tasks', 'embed', 'lora_rank')) (a new "
+                "name also goes into peftjax.sharding.DEFAULT_RULES)")
+    if len(axes) != len(shape):
+        return (f"{kind} of shape {shape} has axes {tuple(axes)}; give it one logical axis "
+                "name per dimension where it is created")
+    missing = [a for a in axes if a not in known]
+    if missing:
+        return (f"{kind} with axes {tuple(axes)}: {missing[0]!r} is not in config.mesh.rules. "
+                f"Add ({missing[0]!r}, None) (replicated) or a mesh axis for it to "
+                "config.mesh.rules (and to peftjax.sharding.DEFAULT_RULES if the name is new in "
+                "the code)")
+    return None
+
+
+def check_axes(state: nnx.State, rules: Rules) -> None:
+    """Raise ValueError naming the first variable of `state` that `rules` cannot place (and how
+    many more there are): one without logical axes, with too few or too many, or with a name
+    the table lacks. Silently replicating such a variable would hide a missed sharding."""
+    known = {rule[0] for rule in rules}
+    problems = []
+    for path, variable in nnx.to_flat_state(state):
+        problem = axes_problem(variable, known)
+        if problem:
+            problems.append(f"{'/'.join(map(str, path))}: {problem}.")
+    if problems:
+        more = f" ({len(problems) - 1} more variable(s) like it.)" if len(problems) > 1 else ""
+        raise ValueError(f"Cannot shard {problems[0]}{more}")
+
+
 def state_shardings(state: nnx.State, rules: Rules, mesh: Mesh):
-    """NamedSharding for every Variable of an `nnx.State`, from its `axes` metadata."""
+    """NamedSharding for every Variable of an `nnx.State` (concrete or abstract), from its
+    `axes` metadata. Raises ValueError (naming the variable and the fix) when a variable's
+    dimensions are not all named by logical axes of `rules`, or a rule names no mesh axis."""
+    check_rules(rules)
+    check_axes(state, rules)
 
     def one(variable):
-        axes = variable.get_metadata().get("axes") or (None,) * variable.value.ndim
-        return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, rules, mesh))
+        axes = variable.get_metadata().get("axes") or ()
+        return NamedSharding(mesh, logical_to_spec(axes, variable.get_value().shape, rules, mesh))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

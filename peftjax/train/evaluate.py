@@ -7,6 +7,7 @@ import functools
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from peftjax import data
@@ -39,9 +40,8 @@ def evaluate(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, *,
             inputs, ids = batch["encoder_input_tokens"], batch["encoder_task_ids"][:, 0]
             languages = batch.get("encoder_language_ids", np.zeros_like(inputs))[:, 0]
             if sharding is not None:
-                inputs, ids, languages = (jax.device_put(a, sharding)
-                                          for a in (inputs, ids, languages))
-            tokens = np.asarray(decode(trainable, frozen, inputs, ids, languages))
+                inputs, ids, languages = (_place(a, sharding) for a in (inputs, ids, languages))
+            tokens = _to_host(decode(trainable, frozen, inputs, ids, languages))
             predictions += data.decode_tokens(task, tokens[:len(texts)])
             targets += texts
         scores: dict[str, float] = {}
@@ -49,6 +49,20 @@ def evaluate(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, *,
             scores.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
         results[task] = scores
     return results
+
+
+def _place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The global batch (the same on every process: eval batches are read in order) on the
+    mesh; each process places only the rows its own devices hold."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole array on this host; in a multi-process run the rows decoded on other
+    processes' devices are gathered first, so every process scores every example."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    return multihost_utils.process_allgather(array, tiled=True)
 
 
 def mean_over_tasks(results: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -16,11 +16,15 @@ from peftjax.config import ConfigError, validate
 from peftjax.hyper import HYPER_METHODS, ConditionData, embed_descriptions
 from peftjax.hyper.condition import description_tokens
 from peftjax.models import T5, T5Config, from_hf, preset
+from peftjax.models.config import REMAT_POLICIES
 from peftjax.models.hf import load_hf_config
 from peftjax.peft import METHODS, PeftConfig, apply_peft, method_spec, trainable_filter
 from peftjax.peft.compose import compose_sources
 from peftjax.peft.runs import base_identity
-from peftjax.sharding import batch_sharding, make_mesh, state_shardings
+from peftjax.peft.variables import as_masters
+from peftjax.sharding import batch_sharding, mesh_from_config, state_shardings
+
+_EXECUTION_FIELDS = ("scan_layers", "remat")  # T5Config fields outside the fingerprint
 
 
 @dataclasses.dataclass
@@ -53,8 +57,12 @@ class Experiment:
         """What a checkpoint must agree with to be resumed by this run."""
         shapes = {"/".join(map(str, k)): list(v.value.shape)
                   for k, v in nnx.to_flat_state(self.trainable)}
+        # How the layers run (scanned, rematerialised) changes no parameter: a run may resume or
+        # be evaluated with other settings.
+        model = {k: v for k, v in dataclasses.asdict(self.model_config).items()
+                 if k not in _EXECUTION_FIELDS}
         return {
-            "model": dataclasses.asdict(self.model_config),
+            "model": model,
             "base": self.config.model.hf_path or f"random init, seed {self.config.seed}",
             "peft": dataclasses.asdict(self.peft_config),
             "trainable_shapes": shapes,
@@ -73,7 +81,8 @@ class Experiment:
 
 
 def model_config_from(config: ConfigDict) -> T5Config:
-    overrides = dict(dropout_rate=config.model.dropout_rate, dtype=config.model.dtype)
+    overrides = dict(dropout_rate=config.model.dropout_rate, dtype=config.model.dtype,
+                     param_dtype=config.model.param_dtype, **_execution(config))
     if config.model.vocab_size:
         overrides["vocab_size"] = config.model.vocab_size
     if config.model.hf_path:
@@ -81,11 +90,20 @@ def model_config_from(config: ConfigDict) -> T5Config:
     return preset(config.model.size, **overrides)
 
 
+def _execution(config: ConfigDict) -> dict[str, Any]:
+    """How the layer stacks run (`T5Config.scan_layers`, `remat`): no weight depends on them."""
+    if config.model.remat not in REMAT_POLICIES:
+        raise ConfigError(f"config.model.remat={config.model.remat!r} is not a remat policy; "
+                          f"choose one of {REMAT_POLICIES}.")
+    return dict(scan_layers=config.model.scan_layers, remat=config.model.remat)
+
+
 def build_base_model(config: ConfigDict) -> T5:
     """The frozen base: from `config.model.hf_path`, or a seeded random init of `size`."""
     if config.model.hf_path:
         return from_hf(config.model.hf_path, dropout_rate=config.model.dropout_rate,
-                       dtype=config.model.dtype)
+                       dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                       **_execution(config))
     return T5(model_config_from(config), rngs=nnx.Rngs(config.seed))
 
 
@@ -135,6 +153,7 @@ def plan(config: ConfigDict) -> Plan:
     """Validate the config and resolve method, tasks and model shape; reads no weights."""
     validate(config)
     peft_config = peft_config_from(config)  # validates method / mode / rank first
+    _check_precision(config, peft_config.method)
     if config.data.pack and METHODS[peft_config.method] \
             and not method_spec(peft_config.method).packing:
         raise ConfigError(f"config.peft.method={peft_config.method!r} needs one example per row; "
@@ -161,6 +180,39 @@ def plan(config: ConfigDict) -> Plan:
         _check_hyper(config, peft_config, [*task_names, *heldout_names])
     return Plan(peft_config, model_config, task_names, task_ids, num_task_ids, num_tasks,
                 tuple(heldout_names), num_languages)
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _check_precision(config: ConfigDict, method: str) -> None:
+    """Compute and base-storage dtypes are float32 / bfloat16; a trained base (method=full)
+    keeps float32 masters: an optimizer update below bfloat16's resolution (2^-8 relative)
+    would round away, so a bfloat16 base is refused rather than silently upcast."""
+    for key in ("dtype", "param_dtype"):
+        if config.model[key] not in DTYPES:
+            raise ConfigError(f"config.model.{key}={config.model[key]!r} is not one of {DTYPES}.")
+    if method == "full" and config.model.param_dtype != "float32":
+        raise ConfigError(
+            f"config.peft.method='full' trains the base weights, whose master copies must be "
+            f"float32, but config.model.param_dtype={config.model.param_dtype!r} stores the base "
+            "in that dtype. Set config.model.param_dtype='float32' (compute can still be "
+            "bfloat16: config.model.dtype='bfloat16'), or train a PEFT method.")
+
+
+def check_grad_accum(config: ConfigDict, data_parallel: int) -> None:
+    """Every micro-batch of a step keeps every data-parallel shard's share of the batch."""
+    k = config.train.grad_accum_steps
+    if k < 1:
+        raise ConfigError(f"config.train.grad_accum_steps={k} must be at least 1 (1 = no "
+                          "gradient accumulation).")
+    if config.data.batch_size % (k * data_parallel):
+        raise ConfigError(
+            f"config.data.batch_size={config.data.batch_size} does not split into "
+            f"config.train.grad_accum_steps={k} micro-batches over {data_parallel} "
+            f"data-parallel shards (mesh data x fsdp): it must be a multiple of "
+            f"{k} x {data_parallel} = {k * data_parallel}. Change config.data.batch_size or "
+            "config.train.grad_accum_steps.")
 
 
 def _num_languages(config: ConfigDict, names: list[str]) -> int:
@@ -211,13 +263,9 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
     """Validate the config and build the run (nothing is written anywhere)."""
     resolved = plan(config)
     peft_config, num_tasks = resolved.peft_config, resolved.num_tasks
-    mesh = make_mesh(config.mesh.shape)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
-    for key in ("batch_size", "eval_batch_size"):
-        if config.data[key] % data_parallel:
-            raise ConfigError(f"config.data.{key}={config.data[key]} does not split evenly over "
-                              f"{data_parallel} data-parallel shards (mesh data x fsdp x "
-                              f"processes); use a multiple of {data_parallel}.")
+    mesh = mesh_from_config(config)  # config.mesh.preset or .shape; batch sizes must split
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]  # the mesh spans every process
+    check_grad_accum(config, data_parallel)
     model = build_base_model(config)
     adapted = []
     if with_peft:
@@ -228,6 +276,7 @@ def build(config: ConfigDict, *, with_peft: bool = True) -> Experiment:
         adapted = compose_sources(model, peft_config, adapted, base=base_identity(config),
                                   num_tasks=num_tasks, rngs=nnx.Rngs(config.seed + 2))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(peft_config.method), ...)
+    trainable = as_masters(trainable)  # float32 masters whatever config.model.dtype
     rules = tuple(tuple(r) for r in config.mesh.rules)
     trainable = jax.device_put(trainable, state_shardings(trainable, rules, mesh))
     frozen = jax.device_put(frozen, state_shardings(frozen, rules, mesh))

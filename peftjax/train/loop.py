@@ -16,7 +16,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from peftjax import data
+from peftjax import data, distributed
 from peftjax.checkpoint import Checkpoints
 from peftjax.config import to_json
 from peftjax.peft import FrozenAdapter
@@ -24,6 +24,7 @@ from peftjax.sharding import replicate_unplaced
 from peftjax.train.evaluate import evaluate, mean_over_tasks
 from peftjax.train.experiment import Experiment, build
 from peftjax.train.optim import make_optimizer
+from peftjax.train.preemption import Preempted, PreemptionWatch
 from peftjax.train.step import TrainState, init_train_state, make_train_step, summarize
 from peftjax.train.writers import create_writer
 
@@ -87,7 +88,9 @@ def _use_saved_frozen_adapters(exp: Experiment, restored: dict) -> None:
 
 def _existing_checkpoints(workdir: str, config: ConfigDict) -> Checkpoints | None:
     directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    # Every process must take the same branch (orbax's constructors synchronise the processes),
+    # and process 0 may already be creating the directory: go by what process 0 saw.
+    if not distributed.same_on_all_processes(os.path.isdir(directory)):
         return None
     ckpt = Checkpoints(directory, max_to_keep=config.train.keep_checkpoints, create=False)
     return ckpt if ckpt.latest_step() is not None else None
@@ -103,7 +106,20 @@ def prepare(config: ConfigDict, workdir: str) -> tuple[Experiment, Checkpoints |
 
 
 def train(config: ConfigDict, workdir: str) -> dict[str, float]:
-    """Train (resuming from `workdir` if it holds a checkpoint); returns the final eval means."""
+    """Train (resuming from `workdir` if it holds a checkpoint); returns the final eval means.
+
+    On SIGTERM / SIGINT (a preemption) the step in flight finishes, a checkpoint is saved at
+    that step (whatever `config.train.checkpoint_every`), the final eval is skipped and
+    `Preempted` is raised once the save is complete: calling `train` again with the same config
+    and workdir resumes there and ends as an uninterrupted run would. `peftjax train` turns it
+    into exit status 0. Several processes agree on the step (`peftjax.train.preemption`).
+    """
+    # The previous signal handlers come back on the way out, also for in-process callers.
+    with PreemptionWatch(agree_every=config.train.log_every) as preemption:
+        return _train(config, workdir, preemption)
+
+
+def _train(config: ConfigDict, workdir: str, preemption: PreemptionWatch) -> dict[str, float]:
     exp, existing = prepare(config, workdir)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -122,13 +138,17 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         state, meta = _restore(ckpt, state, exp)
         print(f"Resumed from step {int(state.step)} ({ckpt.directory}).", flush=True)
     start = int(state.step)
+    # Every process reads the same global batches and keeps its rows: the data is the same
+    # whatever the number of processes (a run may resume on another topology).
+    shard_index, num_shards = distributed.batch_shard(exp.batch_sharding, config.data.batch_size)
     batches = data.train_batches(
-        config.data.mixture, batch_size=config.data.batch_size // jax.process_count(),
+        config.data.mixture, batch_size=config.data.batch_size,
         inputs_length=config.data.inputs_length, targets_length=config.data.targets_length,
         pack=config.data.pack, seed=config.seed, start_batch=int(meta["data_position"]),
-        shard_index=jax.process_index(), num_shards=jax.process_count())
+        shard_index=shard_index, num_shards=num_shards)
     train_step = make_train_step(exp.graphdef, optimizer, packed=exp.packed,
-                                 num_task_ids=exp.num_task_ids)
+                                 num_task_ids=exp.num_task_ids,
+                                 grad_accum_steps=config.train.grad_accum_steps)
     writer = create_writer(workdir, is_main_process=is_main)
     rng = jax.random.key(config.seed)
 
@@ -141,7 +161,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         writer.write_scalars(step, scalars)
         return means
 
-    accumulated, interval_start, interval_first = None, None, start
+    accumulated, interval_start, interval_first, preempted = None, None, start, False
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train",
                     disable=not (config.train.progress and is_main), file=sys.stderr,
                     dynamic_ncols=True)
@@ -150,10 +170,12 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         accumulated = metrics if accumulated is None else jax.tree.map(jnp.add, accumulated,
                                                                        metrics)
         done = step + 1
+        preempted = preemption.should_stop(done)  # the same answer on every process
         if interval_start is None:  # time from the end of the first (compiling) step
             jax.block_until_ready(state.step)
             interval_start, interval_first = time.perf_counter(), done
-        if done % config.train.log_every == 0 or done == total_steps:
+        # A preempted run logs its partial interval: the resumed run starts after it.
+        if done % config.train.log_every == 0 or done == total_steps or preempted:
             summary = summarize(jax.device_get(accumulated), exp.names_by_id())
             summary["grad_norm"] = float(metrics["grad_norm"])
             if done > interval_first:  # device_get above waited for these steps to finish
@@ -164,6 +186,9 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
             progress.set_postfix(loss=f"{summary['loss']:.3f}",
                                  acc=f"{summary['token_accuracy']:.3f}")
             accumulated = None
+        if preempted:
+            ckpt.save(done, _checkpointed(state, exp), _meta(exp, done), force=True)
+            break
         if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
             run_eval(done, state.trainable)
         if done % config.train.checkpoint_every == 0 or done == total_steps:
@@ -172,12 +197,23 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     if existing is None and start >= total_steps:  # a zero-step run (Arrow): nothing trained,
         # but `peftjax eval` / export restore from a checkpoint, so write the initial state.
         ckpt.save(start, _checkpointed(state, exp), _meta(exp, start))
+    # Asked again after the last step: in one process, a signal since then skips the eval.
+    if preempted or preemption.should_stop(max(start, total_steps)):
+        ckpt.wait()  # the checkpoint must be complete before the process goes
+        writer.flush()
+        raise Preempted(ckpt.latest_step(), ckpt.directory, reason=_preemption_reason(preemption))
     means = run_eval(total_steps, state.trainable)
     ckpt.wait()
     writer.flush()
     print("Final eval (mean over tasks): " + json.dumps({k: round(v, 4) for k, v in means.items()}),
           flush=True)
     return means
+
+
+def _preemption_reason(preemption: PreemptionWatch) -> str:
+    if preemption.signal_name is None:  # SIGTERM went to JAX's handler, here or on another host
+        return "preempted (notice from JAX's preemption service)"
+    return f"preempted ({preemption.signal_name})"
 
 
 def _parameter_line(counts: dict, exp: Experiment) -> str:
