@@ -106,26 +106,6 @@ def test_frozen_adapter_state_is_checkpointed_and_wins_over_a_changed_source(tmp
     assert "differ from what" in capsys.readouterr().out
 
 
-def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
-    config = tiny_config(train__steps=6, train__checkpoint_every=3, data__eval_examples=2)
-    train(config, str(tmp_path / "straight"))
-    interrupted = tiny_config(train__steps=3, train__checkpoint_every=3, data__eval_examples=2)
-    train(interrupted, str(tmp_path / "resumed"))
-    train(config, str(tmp_path / "resumed"))  # picks up at step 3, data position 3
-
-    def final(workdir):
-        ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), create=False)
-        exp = build(config)
-        like = init_train_state(exp.trainable, make_optimizer(config.optim, 6)).as_dict()
-        tree, meta = ckpt.restore(like)
-        return host(tree), meta
-
-    (a, meta_a), (b, meta_b) = final(tmp_path / "straight"), final(tmp_path / "resumed")
-    assert meta_a["data_position"] == meta_b["data_position"] == 6
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-
-
 def test_workdir_of_another_model_is_refused_without_writing(tmp_path):
     train(tiny_config(train__steps=2, data__eval_examples=2), str(tmp_path))
     before = sorted(os.listdir(tmp_path)), os.path.getmtime(tmp_path / "config.json")

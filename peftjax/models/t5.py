@@ -211,17 +211,20 @@ def _layer_body(graphdef: nnx.GraphDef, recorded: nnx.State, call: LayerCall, ct
 
 
 def _recorded(layer: nnx.Module) -> dict[str, tuple[dict, ...]]:
-    """What `layer`'s modules recorded in this call, by relative module path."""
+    """What `layer`'s modules recorded in this call, by relative module path (only modules that
+    recorded something)."""
     out = {}
     for path, module in nnx.iter_modules(layer):
         captures = getattr(module, "__captures__", None)
-        if captures:
+        if captures and any(v.get_value() for v in captures):
             out[".".join(map(str, path))] = tuple(dict(v.get_value()) for v in captures)
     return out
 
 
 def _write_recorded(layer: nnx.Module, recorded: dict[str, tuple[dict, ...]]) -> None:
     """Append what a split copy of `layer` recorded to `layer`'s own records (as `sow` does)."""
+    if not recorded:  # no router in the layer: skip the walk over its modules
+        return
     for path, module in nnx.iter_modules(layer):
         got = recorded.get(".".join(map(str, path)))
         for variable, values in zip(module.__captures__ if got else (), got or (), strict=True):
