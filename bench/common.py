@@ -12,6 +12,7 @@ average during it (beyond the 10 ms clock-tick resolution of those counters).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import resource
@@ -206,3 +207,22 @@ def run_worker(args: Sequence[str], cpus: Sequence[int], env: dict[str, str],
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
         raise RuntimeError(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
     return lines[-1][len(RESULT_PREFIX):]
+
+
+def add_step_timing_args(parser: argparse.ArgumentParser, *, per: str) -> None:
+    """The options every step-timing benchmark shares (`per`: what one worker times, e.g.
+    "variant"): --steps, --warmup, --threads, --quiet-wait, --timeout, --json, --quick."""
+    parser.add_argument("--steps", type=int, default=10, help=f"timed steps per {per}")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--threads", type=int, default=2, help=f"CPUs (threads) per {per}")
+    parser.add_argument("--quiet-wait", type=float, default=120.0,
+                        help="max seconds each worker waits for other processes to go idle")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="per-worker timeout (s)")
+    parser.add_argument("--json", action="store_true", help="print a JSON object as last line")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, to check the plumbing (the numbers mean nothing)")
+
+
+def check_step_timing_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")

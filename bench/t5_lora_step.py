@@ -396,20 +396,11 @@ def print_table(s: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per framework")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    parser.add_argument("--threads", type=int, default=2, help="CPUs (threads) per framework")
+    common.add_step_timing_args(parser, per="framework")
     parser.add_argument("--no-full-ft", action="store_true", help="skip full fine-tuning runs")
-    parser.add_argument("--quiet-wait", type=float, default=120.0,
-                        help="max seconds each worker waits for other processes to go idle")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="per-worker timeout (s)")
-    parser.add_argument("--json", action="store_true", help="print a JSON object as last line")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes, to check the plumbing (the numbers mean nothing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1")
+    common.check_step_timing_args(parser, args)
     if args.quick:
         use_quick_shapes()
 

@@ -1,6 +1,7 @@
 """What several test files share: running the CLI as users do, random HF T5 checkpoints, tiny
 run configs, and "trained" runs saved without training."""
 
+import functools
 import json
 import os
 import subprocess
@@ -115,3 +116,30 @@ def single_and_sharded_step(exp, config, optimizer):
     state, sharded = step(init_train_state(exp.trainable, optimizer), exp.frozen,
                           put_batch(batch, exp), jax.random.key(0))
     return single, state, sharded, batch
+
+
+def first_batch(config) -> dict:
+    """The first training batch of `config`'s data (host numpy arrays), cached per data setup."""
+    d = config.data
+    return _first_batch(d.mixture, d.batch_size, d.inputs_length, d.targets_length, d.pack,
+                        config.seed)
+
+
+@functools.cache  # a seqio pipeline costs seconds to set up; the tests share a few batches
+def _first_batch(mixture, batch_size, inputs_length, targets_length, pack, seed):
+    from peftjax import data
+
+    return next(data.train_batches(mixture, batch_size=batch_size, inputs_length=inputs_length,
+                                   targets_length=targets_length, pack=pack, seed=seed))
+
+
+def perturbed(trainable, seed=0, scale=0.1):
+    """Trainables + seeded noise, so that adapters whose init is the identity (LoRA's B = 0)
+    change the output and get gradients everywhere; dtypes kept."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype),
+                        trainable)

@@ -10,9 +10,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import host, tiny_config
+from helpers import first_batch, host, perturbed, tiny_config
 
-from peftjax import data
 from peftjax.config import ConfigError
 from peftjax.routing.record import capture, mean_entropy
 from peftjax.train import build
@@ -28,25 +27,6 @@ from peftjax.train.step import (
 )
 
 SUMS = ("loss_sum", "correct_sum", "tokens", "task_loss_sum", "task_correct_sum", "task_tokens")
-
-
-def first_batch(config) -> dict[str, np.ndarray]:
-    d = config.data
-    return _first_batch(d.mixture, d.batch_size, d.inputs_length, d.targets_length, d.pack,
-                        config.seed)
-
-
-@functools.cache  # a seqio pipeline costs seconds to set up; the tests share a few batches
-def _first_batch(mixture, batch_size, inputs_length, targets_length, pack, seed):
-    return next(data.train_batches(mixture, batch_size=batch_size, inputs_length=inputs_length,
-                                   targets_length=targets_length, pack=pack, seed=seed))
-
-
-def perturbed(trainable, seed=0, scale=0.1):
-    """Trainables + seeded noise: LoRA's B = 0 at init would leave A without gradient."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype),
-                        trainable)
 
 
 @functools.cache

@@ -2,7 +2,6 @@
 (`config.model.param_dtype`) with float32 trainable masters, float32 gradients, optimizer
 state, logits, norms, softmaxes and loss; a full fine-tune keeps a float32 base."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +9,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import tiny_config
+from helpers import first_batch, perturbed, tiny_config
 
-from peftjax import data
 from peftjax.config import ConfigError
 from peftjax.models import T5, preset, to_hf
 from peftjax.train import build
@@ -23,26 +21,6 @@ from peftjax.train.step import init_train_state, make_train_step, model_inputs
 BF16 = dict(model__dtype="bfloat16", model__param_dtype="bfloat16")
 # Method -> config changes. Every case runs packed rows mixing tasks (poly routes by task id).
 METHODS = {"lora": {}, "houlsby": {}, "prefix_tuning": {}, "poly": {}}
-
-
-def first_batch(config) -> dict[str, np.ndarray]:
-    d = config.data
-    return _first_batch(d.mixture, d.batch_size, d.inputs_length, d.targets_length, d.pack,
-                        config.seed)
-
-
-@functools.cache  # a seqio pipeline costs seconds to set up; the tests share a few batches
-def _first_batch(mixture, batch_size, inputs_length, targets_length, pack, seed):
-    return next(data.train_batches(mixture, batch_size=batch_size, inputs_length=inputs_length,
-                                   targets_length=targets_length, pack=pack, seed=seed))
-
-
-def perturbed(trainable, seed=0, scale=0.1):
-    """Trainables + seeded noise, so that adapters whose init is the identity (LoRA's B = 0)
-    change the output; float32 in, float32 out."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype),
-                        trainable)
 
 
 def token_mean_loss(exp, trainable, batch):
