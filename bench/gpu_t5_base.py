@@ -104,6 +104,11 @@ def worker_peftjax(method: str, batch: int, steps: int, base_dtype: str, remat: 
     optimizer = optax.adamw(1e-4)
     data = {k: jax.numpy.asarray(v) for k, v in _batch(batch).items()}
     state = init_train_state(trainable, optimizer)
+    if scan:  # the layout a scanned run trains in (peftjax.models.stacking)
+        from peftjax.models import stacking
+
+        stacks = stacking.scanned_stacks(model.config)
+        state, frozen = stacking.stack_placed((state, frozen), stacks)
     step_fn = make_train_step(graphdef, optimizer, packed=False, num_task_ids=1)
     start = time.perf_counter()
     lowered = step_fn.lower(state, frozen, data, jax.random.key(0))

@@ -66,6 +66,15 @@ def worker(layers: int, scan: bool) -> dict[str, Any]:
         return model
 
     graphdef, trainable, frozen = nnx.split(nnx.eval_shape(build), TRAINABLE, ...)
+    if scan:  # the layout a scanned run trains in (peftjax.models.stacking), when available
+        try:
+            from peftjax.models import stacking
+        except ImportError:
+            pass
+        else:
+            stacks = stacking.scanned_stacks(cfg)
+            trainable, frozen = jax.eval_shape(lambda *s: stacking.stack_layers(s, stacks),
+                                               trainable, frozen)
     optimizer = optax.adamw(t5_lora_step.LEARNING_RATE)
     state = jax.eval_shape(lambda t: init_train_state(t, optimizer), trainable)
     features = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)

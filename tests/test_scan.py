@@ -8,20 +8,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from peftjax import data
-from peftjax.checkpoint import Checkpoints
 from peftjax.config import ConfigError
-from peftjax.models import T5, greedy_decode, preset
+from peftjax.models import T5, greedy_decode, preset, stacking
 from peftjax.models.context import Context, dropout, layer_context, site_salt
 from peftjax.peft import PeftConfig, PeftParam, apply_peft
 from peftjax.routing import capture
 from peftjax.train import build
-from peftjax.train.loop import put_batch
-from peftjax.train.step import init_train_state, make_train_step
 from tests.helpers import host, tiny_config
 
 NUM_TASKS = 3
@@ -228,45 +225,75 @@ def test_bad_remat_policy_lists_the_choices():
         build(tiny_config(model__remat="dots_only"))
 
 
-def test_config_train_step_and_checkpoints_are_shared_across_settings(tmp_path):
+def test_scanned_runs_train_stacked_and_share_checkpoints_with_unrolled_runs(tmp_path):
     """scan_layers / remat come from config.model, change no parameter and stay out of the
-    fingerprint: a run trained unrolled resumes scanned, and steps give the same updates, on a
-    mesh that shards the parameters."""
-    # Parameters split over fsdp and model: the stacked layer states are sharded too.
-    changes = dict(peft__mode="per_task", mesh__shape={"data": 1, "fsdp": 2, "model": 2})
-    unrolled = build(tiny_config(**changes))  # (dropout: see test_scanned_equals_unrolled)
-    scanned = build(tiny_config(model__scan_layers=True, model__remat="dots", **changes))
+    fingerprint. A scanned run trains in the stacked layout (one variable per stack, sharded
+    like a layer's, the layer axis replicated) on a mesh that shards the parameters, ends where
+    the unrolled run does, and writes per-layer checkpoints: each run's checkpoint restores into
+    the other setting."""
+    from peftjax.train.loop import restore_trained, train
+
+    changes = dict(peft__mode="per_task", mesh__shape={"data": 1, "fsdp": 2, "model": 2},
+                   train__steps=2, train__checkpoint_every=2, data__eval_examples=4)
+    configs = {"u": tiny_config(**changes),  # (dropout: see test_scanned_equals_unrolled)
+               "s": tiny_config(model__scan_layers=True, model__remat="dots", **changes)}
+    unrolled, scanned = build(configs["u"]), build(configs["s"])
     assert scanned.model_config.scan_layers and scanned.model_config.remat == "dots"
     assert not unrolled.model_config.scan_layers
     assert scanned.fingerprint() == unrolled.fingerprint()
     for a, b in zip(jax.tree.leaves(host(unrolled.trainable)),
                     jax.tree.leaves(host(scanned.trainable)), strict=True):
         np.testing.assert_array_equal(a, b)
-    optimizer = optax.sgd(0.5)  # linear in the gradients (see test_train)
-    config = unrolled.config
-    batch = next(data.train_batches(
-        config.data.mixture, batch_size=config.data.batch_size,
-        inputs_length=config.data.inputs_length, targets_length=config.data.targets_length,
-        pack=config.data.pack, seed=config.seed))
-    results = []
-    for exp in (unrolled, scanned):
-        step = make_train_step(exp.graphdef, optimizer, packed=True,
-                               num_task_ids=exp.num_task_ids, donate=False)
-        state = init_train_state(exp.trainable, optimizer)
-        for _ in range(2):  # the second step has B != 0: every gradient is informative
-            state, metrics = step(state, exp.frozen, put_batch(batch, exp), jax.random.key(0))
-        results.append((host(state.trainable), host(metrics)))
-    (trained_u, metrics_u), (trained_s, metrics_s) = results
-    np.testing.assert_allclose(metrics_s["loss_sum"], metrics_u["loss_sum"], rtol=1e-5)
-    np.testing.assert_allclose(metrics_s["grad_norm"], metrics_u["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(trained_u), jax.tree.leaves(trained_s), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # A checkpoint of the unrolled run restores into the scanned one.
-    ckpt = Checkpoints(str(tmp_path))
-    ckpt.save(2, {"trainable": unrolled.trainable}, {"fingerprint": unrolled.fingerprint()})
-    ckpt.wait()
-    ckpt.check_fingerprint(scanned.fingerprint())
-    restored, _ = ckpt.restore({"trainable": scanned.trainable})
-    for a, b in zip(jax.tree.leaves(host(restored)), jax.tree.leaves(host(unrolled.trainable)),
-                    strict=True):
+
+    stacks = stacking.scanned_stacks(scanned.model_config)
+    flat = dict(nnx.to_flat_state(stacking.stack_placed(scanned.trainable, stacks)))
+    assert not any(isinstance(k, int) for p in flat for k in p[:3])
+    lora_a = flat[("encoder", "layers", "stacked", "self_attention", "q", "lora_a")]
+    per_layer = dict(nnx.to_flat_state(scanned.trainable))[
+        ("encoder", "layers", 1, "self_attention", "q", "lora_a")]
+    assert lora_a.get_value().shape == (2, *per_layer.get_value().shape)
+    assert lora_a.get_metadata()["axes"] == ("layers", *per_layer.get_metadata()["axes"])
+    layer_sharding = per_layer.get_value().sharding
+    assert "fsdp" in layer_sharding.spec
+    assert lora_a.get_value().sharding.is_equivalent_to(
+        NamedSharding(layer_sharding.mesh, P(None, *layer_sharding.spec)), 4)
+
+    means = {name: train(config, str(tmp_path / name)) for name, config in configs.items()}
+    assert means["s"] == pytest.approx(means["u"])
+    # The scanned run's checkpoint in the unrolled setting, and the other way round.
+    scanned_run = restore_trained(configs["u"], str(tmp_path / "s"))[1]
+    unrolled_run = restore_trained(configs["s"], str(tmp_path / "u"))[1]
+    assert int(scanned_run.step) == int(unrolled_run.step) == 2
+    for tree in ("trainable", "opt_state"):
+        a, b = host(getattr(unrolled_run, tree)), host(getattr(scanned_run, tree))
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_layout_round_trips_and_refuses_a_mixed_layout():
+    """`stack_layers` / `unstack_layers` are exact inverses on every state of a model (and on
+    pytrees holding states, like optimizer states); a scan cannot mix stacked and per-layer
+    variables of one stack, and per-layer models take no `layer_states`."""
+    t5 = model(True, "molora", targets=MOLORA_TARGETS)
+    stacks = stacking.scanned_stacks(t5.config)
+    assert stacks == ("encoder.layers", "decoder.layers")
+    assert stacking.scanned_stacks(model(False).config) == ()
+    graphdef, trainable, frozen = nnx.split(t5, PeftParam, ...)
+    tree = {"mu": trainable, "count": jnp.int32(3)}
+    stacked = stacking.stack_layers(tree, stacks)
+    assert stacked["count"] is tree["count"]
+    paths = {p for p, _ in nnx.to_flat_state(stacked["mu"])}
+    assert ("decoder", "layers", "stacked", "cross_attention", "k", "router_kernel") in paths
+    assert not any(k in (0, 1) for p in paths for k in p)
+    back = stacking.unstack_layers(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert stacking.unstack_layers(tree) is not None  # per-layer input passes through
+    assert stacking.layer_states(trainable, frozen) is None
+    with pytest.raises(ValueError, match=r"coder\.layers is stacked in one state and per layer"):
+        stacking.layer_states(stacking.stack_layers(trainable, stacks), frozen)
+    states = stacking.layer_states(*stacking.stack_layers((trainable, frozen), stacks))
+    with pytest.raises(ValueError, match="scan_layers=False"):
+        model(False)(**unpacked_inputs(), layer_states=states)

@@ -30,6 +30,9 @@ class Context:
         `{site path: {name: [rows, ...]}}`, one row per task (or task x language) or per example.
       generated_ids: which row of `generated` each example (`[batch]`) or token (`[batch,
         length]`) uses, aligned with the activations like `task_ids`.
+      layer_states: `{stack name: one layer's state, stacked on a leading layer axis}` for the
+        scanned stacks (`peftjax.models.stacking`): the scans run on these instead of stacking
+        the layers' own variables. None: every stack stacks its layers (or is unrolled).
     """
 
     task_ids: jax.Array | None = None
@@ -37,6 +40,7 @@ class Context:
     language_ids: jax.Array | None = None
     generated: dict[str, dict[str, jax.Array]] | None = None
     generated_ids: jax.Array | None = None
+    layer_states: dict | None = None
 
     @property
     def deterministic(self) -> bool:

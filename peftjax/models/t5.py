@@ -16,12 +16,13 @@ the prefix points `KeyValueHook`s; PEFT methods replace or wrap them.
 Inputs use seqio feature names; token 0 is padding and the decoder start token.
 
 Layer stacks keep one module per layer (the paths above, for PEFT injection, checkpoints and HF
-weights). With `T5Config.scan_layers` a stack still runs as one `jax.lax.scan`: its layers are
-split, their states stacked along a new leading axis (a copy per call, inside the jitted step)
-and the one layer structure they share is applied to each slice, so compile time does not grow
-with depth; gradients flow back through the stack into each layer's parameters. `T5Config.remat`
-wraps each layer call (scanned or not) in `jax.checkpoint`. Layers hold no per-layer static data:
-dropout differs between layers through the layer index folded into the key (`layer_context`).
+weights). With `T5Config.scan_layers` a stack still runs as one `jax.lax.scan`: the one layer
+structure its layers share is applied to each slice of their states stacked along a new leading
+axis, so compile time does not grow with depth. The stacked states come from the call
+(`layer_states`: training keeps them stacked, see `peftjax.models.stacking`) or, failing that,
+from stacking the layers' own variables (a copy per call). `T5Config.remat` wraps each layer
+call (scanned or not) in `jax.checkpoint`. Layers hold no per-layer static data: dropout differs
+between layers through the layer index folded into the key (`layer_context`).
 """
 
 from __future__ import annotations
@@ -181,7 +182,9 @@ def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_la
         return carry, ys
     graphdef, recorded, _ = parts[0]
     _check_alike(layers, [g for g, _, _ in parts], name)
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(s for _, _, s in parts))
+    stacked = (ctx.layer_states or {}).get(name)
+    if stacked is None:  # per-layer state: stack it (a copy per call; see models.stacking)
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(s for _, _, s in parts))
     body = _layer_body(graphdef, recorded, call, ctx, cfg)
     carry, (ys, recorded_all) = jax.lax.scan(
         body, carry, (stacked, per_layer, jnp.arange(len(layers), dtype=jnp.int32)))
@@ -417,13 +420,20 @@ class T5(nnx.Module):
                  language_ids: jax.Array | None = None,
                  encoder_language_ids: jax.Array | None = None,
                  decoder_language_ids: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[Context, Context]:
+                 dropout_key: jax.Array | None = None,
+                 layer_states: dict | None = None) -> tuple[Context, Context]:
         """The encoder's and the decoder's `Context` for one call (see `__call__` for the ids),
         with the hypernetwork's adapter weights when the model has one."""
         enc_ctx, dec_ctx = task_contexts(task_ids, encoder_task_ids, decoder_task_ids,
                                          dropout_key, language_ids=language_ids,
                                          encoder_language_ids=encoder_language_ids,
                                          decoder_language_ids=decoder_language_ids)
+        if layer_states is not None:
+            if not self.config.scan_layers:
+                raise ValueError("layer_states (stacked layer variables) feed scanned stacks; "
+                                 "this model has scan_layers=False. Pass the per-layer state "
+                                 "(peftjax.models.stacking.unstack_layers) instead.")
+            enc_ctx, dec_ctx = (c.replace(layer_states=layer_states) for c in (enc_ctx, dec_ctx))
         if self.hypernet is not None:
             enc_ctx, dec_ctx = self.hypernet(enc_ctx, dec_ctx)
         return enc_ctx, dec_ctx
@@ -454,7 +464,8 @@ class T5(nnx.Module):
                  language_ids: jax.Array | None = None,
                  encoder_language_ids: jax.Array | None = None,
                  decoder_language_ids: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+                 dropout_key: jax.Array | None = None,
+                 layer_states: dict | None = None) -> jax.Array:
         """float32 logits `[batch, target, vocab]`.
 
         Args:
@@ -466,12 +477,16 @@ class T5(nnx.Module):
           language_ids / encoder_language_ids / decoder_language_ids: the same for language ids
             (read by generators conditioned on task and language).
           dropout_key: enables dropout (training); None = deterministic.
+          layer_states: with `scan_layers`, the scanned stacks' variables already stacked
+            (`peftjax.models.stacking.layer_states`, the stacked layout a scanned run trains
+            in); the scans read these instead of the layers' own variables.
         """
         enc_ctx, dec_ctx = self.contexts(
             task_ids=task_ids, encoder_task_ids=encoder_task_ids,
             decoder_task_ids=decoder_task_ids, language_ids=language_ids,
             encoder_language_ids=encoder_language_ids,
-            decoder_language_ids=decoder_language_ids, dropout_key=dropout_key)
+            decoder_language_ids=decoder_language_ids, dropout_key=dropout_key,
+            layer_states=layer_states)
         encoded, key_mask = self.encode(encoder_input_tokens, enc_ctx, encoder_segment_ids)
         cross_mask = key_mask[:, None, None, :]
         if encoder_segment_ids is not None and decoder_segment_ids is not None:

@@ -11,14 +11,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from peftjax import data
-from peftjax.models import greedy_decode
+from peftjax.models import greedy_decode, stacking
 
 
 @functools.lru_cache(maxsize=8)
 def _decoder(graphdef: nnx.GraphDef, max_length: int):
     @jax.jit
     def decode(trainable, frozen, encoder_input_tokens, task_ids, language_ids):
-        model = nnx.merge(graphdef, trainable, frozen)
+        model = stacking.merge(graphdef, trainable, frozen)  # either layout
         return greedy_decode(model, encoder_input_tokens, max_length=max_length,
                              task_ids=task_ids, language_ids=language_ids)
     return decode

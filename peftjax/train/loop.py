@@ -19,6 +19,7 @@ from tqdm import tqdm
 from peftjax import data, distributed
 from peftjax.checkpoint import Checkpoints
 from peftjax.config import to_json
+from peftjax.models import stacking
 from peftjax.peft import FrozenAdapter
 from peftjax.sharding import replicate_unplaced
 from peftjax.train.evaluate import evaluate, mean_over_tasks
@@ -51,9 +52,11 @@ def _checkpointed(state: TrainState, exp: Experiment, *, frozen_adapters: bool =
     seed, the first pass or the source runs, which may change after this run used them; saving it
     keeps a resumed or evaluated run on exactly what it trained with. `frozen_adapters=False`
     gives the layout of checkpoints written without it (their meta lacks "frozen_adapters")."""
-    tree = state.as_dict()
+    # Checkpoints hold one entry per layer whatever the layout trained in (models.stacking), so
+    # a run resumes with or without scan_layers.
+    tree = stacking.unstack_placed(state.as_dict())
     if frozen_adapters and _has_frozen_adapters(exp):
-        tree["frozen_adapters"] = exp.frozen.filter(FrozenAdapter)
+        tree["frozen_adapters"] = stacking.unstack_placed(exp.frozen.filter(FrozenAdapter))
     return tree
 
 
@@ -137,6 +140,11 @@ def _train(config: ConfigDict, workdir: str, preemption: PreemptionWatch) -> dic
     if existing is not None:
         state, meta = _restore(ckpt, state, exp)
         print(f"Resumed from step {int(state.step)} ({ckpt.directory}).", flush=True)
+    # A scanned model trains in the stacked layout (one variable per layer stack, see
+    # peftjax.models.stacking); the per-layer frozen arrays are dropped once stacked.
+    stacks = stacking.scanned_stacks(exp.model_config)
+    state = stacking.stack_placed(state, stacks)
+    exp.frozen = stacking.stack_placed(exp.frozen, stacks)
     start = int(state.step)
     # Every process reads the same global batches and keeps its rows: the data is the same
     # whatever the number of processes (a run may resume on another topology).

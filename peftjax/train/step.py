@@ -3,6 +3,9 @@
 The model state is split once into `trainable` (PEFT parameters) and `frozen` (the base). Only
 `trainable` is differentiated, clipped, optimised and donated; the frozen base is an ordinary
 argument, so XLA never builds base-weight gradients and the optimizer holds no state for them.
+Both may be in the stacked layout of a scanned model (`peftjax.models.stacking`): one variable
+per layer stack rather than per layer, so gradients and the optimizer's update do not grow with
+depth.
 
 Precision: `trainable` holds float32 masters (`peftjax.peft.variables.as_masters`) whatever the
 model computes in (`T5Config.dtype`), so gradients, their accumulation over micro-batches
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from peftjax.models import stacking
 from peftjax.routing.record import capture, mean_entropy
 
 Batch = dict[str, jax.Array]
@@ -120,9 +124,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         metric sums."""
 
         def loss_fn(trainable):
-            model = nnx.merge(graphdef, trainable, frozen)
+            # Either layout (`peftjax.models.stacking`): stacked states feed the scans directly.
+            model = stacking.merge(graphdef, trainable, frozen)
             logits, routing, aux_loss = capture(_call)(
-                model, **model_inputs(batch, packed), dropout_key=dropout_key)
+                model, **model_inputs(batch, packed), dropout_key=dropout_key,
+                **_layer_states(trainable, frozen))
             _, metrics = loss_and_metrics(logits, batch, num_task_ids)
             if routing:  # a model with routers: their extra loss, and how sharply they route
                 metrics.update(router_steps=jnp.ones((), jnp.float32), aux_loss=aux_loss,
@@ -200,12 +206,19 @@ def _call(model: nnx.Module, **inputs) -> jax.Array:
     return model(**inputs)
 
 
+def _layer_states(*states: nnx.State) -> dict[str, Any]:
+    """`{"layer_states": ...}` for a model call when `states` are in the stacked layout."""
+    layer_states = stacking.layer_states(*states)
+    return {} if layer_states is None else {"layer_states": layer_states}
+
+
 def make_eval_step(graphdef: nnx.GraphDef, *, packed: bool, num_task_ids: int):
     """`eval_step(trainable, frozen, batch) -> metrics` (teacher-forced, deterministic)."""
 
     def eval_step(trainable: nnx.State, frozen: nnx.State, batch: Batch) -> Metrics:
-        model = nnx.merge(graphdef, trainable, frozen)
-        return loss_and_metrics(model(**model_inputs(batch, packed)), batch, num_task_ids)[1]
+        model = stacking.merge(graphdef, trainable, frozen)
+        logits = model(**model_inputs(batch, packed), **_layer_states(trainable, frozen))
+        return loss_and_metrics(logits, batch, num_task_ids)[1]
 
     return jax.jit(eval_step)
 
