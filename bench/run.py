@@ -82,7 +82,8 @@ def part_mixed(opts: argparse.Namespace) -> dict[str, Any]:
 
 def part_scan(opts: argparse.Namespace) -> dict[str, Any]:
     summary = scan_compile.run(threads=opts.threads, timeout=opts.timeout,
-                               repeats=opts.scan_repeats, quick=opts.quick)
+                               repeats=opts.scan_repeats, quick=opts.quick,
+                               steps=opts.scan_steps)
     scan_compile.print_summary(summary)
     return summary
 
@@ -234,7 +235,8 @@ def contrast(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "mixed": ("mixed_vs_same_step_ratio", "packed_mixed_vs_shared_ratio",
                       "peftjax_infer_mixed_vs_shared_ratio", "hf_peft_infer_mixed_vs_single_ratio",
                       "hf_peft_infer_same_name_vs_single_ratio"),
-            "scan": ("scan_compile_only_ratio", "unrolled_compile_ratio_24_vs_6", "note"),
+            "scan": ("scan_compile_only_ratio", "unrolled_compile_ratio_24_vs_6",
+                     "scan_step_over_unrolled", "note"),
             "hyper": ("time_share_isolated", "time_share_of_medians", "flop_share",
                       "flop_share_by_difference")}
     return {f"{part}.{key}": parts[part].get(key) for part, names in keys.items()
@@ -296,6 +298,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "120; 0 with --quick)")
     parser.add_argument("--scan-repeats", type=int, default=1,
                         help="compilations per scan_compile point (the minimum is kept)")
+    parser.add_argument("--scan-steps", type=int, default=3,
+                        help="train steps timed per scan_compile point (scanned vs unrolled "
+                             "step time; 0: none)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-worker timeout (s)")
     parser.add_argument("--json", action="store_true", help="print a JSON object as last line")
     parser.add_argument("--quick", action="store_true",

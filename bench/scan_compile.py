@@ -2,15 +2,18 @@
 
 Launch from the repository root with the project's virtual environment:
 
-    PYTHONPATH=. python bench/scan_compile.py [--repeats 1] [--threads 2] [--json] [--quick]
+    PYTHONPATH=. python bench/scan_compile.py [--repeats 1] [--threads 2] [--steps 0] [--json]
+        [--quick]
 
 The T5 v1.1 small shape of bench/t5_lora_step.py with 6 and with 24 encoder and decoder layers
 (`preset("small", num_encoder_layers=L, num_decoder_layers=L, scan_layers=...)`), LoRA r=8 on q
 and v, AdamW, batch 8 x 128 / 32: the time to trace and lower `make_train_step` (`lower_s`) and
-for XLA to compile it (`compile_s`). The model is built abstractly (`nnx.eval_shape`): no weights
-are materialised, and nothing is run. Every (layers, scan) point runs in a fresh subprocess
-pinned to the first `--threads` CPUs (no compilation cache, in memory or on disk, carries over);
-with `--repeats N` each point runs N times, interleaved, and the minimum is kept.
+for XLA to compile it (`compile_s`). Scanned points use the stacked layout a scanned run trains
+in (`peftjax.models.stacking`). The model is built abstractly (`nnx.eval_shape`): no weights are
+materialised, and nothing runs unless `--steps N` asks for the median time of N steps on
+zero-filled state (`step_s`: scanned vs unrolled). Every (layers, scan) point runs in a fresh
+subprocess pinned to the first `--threads` CPUs (no compilation cache, in memory or on disk,
+carries over); with `--repeats N` each point runs N times, interleaved, and the minimum is kept.
 
 The headline `scan_compile_ratio_24_vs_6` is total (lower + compile) time at 24 layers over 6
 with `scan_layers=True`: with the layers scanned the program holds one layer body, so the ratio
@@ -36,12 +39,15 @@ QUICK_LAYERS = (1, 4)  # `--quick`: tiny shapes, same 4x depth ratio
 TARGET_RATIO = 1.5  # compile time at 24 layers over 6, layers scanned
 
 
-def worker(layers: int, scan: bool) -> dict[str, Any]:
+def worker(layers: int, scan: bool, steps: int = 0) -> dict[str, Any]:
     """Lower and compile one train step; `available: False` when this checkout's T5Config has
-    no `scan_layers` (then nothing is compiled)."""
+    no `scan_layers` (then nothing is compiled). With `steps > 0` also run the compiled step
+    that many times on zero-filled state (the time of a step does not depend on the values)
+    and report the median (`step_s`)."""
     import time
 
     import jax
+    import numpy as np
     import optax
     from flax import nnx
 
@@ -90,7 +96,21 @@ def worker(layers: int, scan: bool) -> dict[str, Any]:
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
     window = clock.stop()
-    return {"available": True, "layers": layers, "scan": scan,
+    step_s = None
+    if steps:
+        concrete = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype),
+                                (state, frozen, features))
+        state_, frozen_, batch = concrete
+        batch = {k: v + 1 for k, v in batch.items()}  # tokens and loss weights, not padding
+        key = jax.random.key(0)
+        times = []
+        for _ in range(steps + 1):  # the first run is warm-up
+            begin = time.perf_counter()
+            state_, metrics = compiled(state_, frozen_, batch, key)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - begin)
+        step_s = float(np.median(times[1:]))
+    return {"available": True, "layers": layers, "scan": scan, "step_s": step_s,
             "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
             "total_s": compiled_at - start, "step_gflop": t5_lora_step._xla_gflop(compiled),
             "hlo_chars": len(lowered.as_text()), "cpu_util": window.own_cpu_s / window.wall_s,
@@ -103,8 +123,9 @@ def worker(layers: int, scan: bool) -> dict[str, Any]:
 
 
 def run(*, threads: int, timeout: float, repeats: int = 1, quick: bool = False,
-        unrolled: bool = True) -> dict[str, Any]:
-    """Every (layers, scan) point in its own pinned subprocess, `repeats` times; summary."""
+        unrolled: bool = True, steps: int = 0) -> dict[str, Any]:
+    """Every (layers, scan) point in its own pinned subprocess, `repeats` times; summary.
+    `steps > 0` also times that many steps at each point (`step_s`)."""
     if quick:
         t5_lora_step.use_quick_shapes()
     layer_counts = QUICK_LAYERS if quick else LAYERS
@@ -121,7 +142,8 @@ def run(*, threads: int, timeout: float, repeats: int = 1, quick: bool = False,
             print(f"[scan] {key} on CPUs {cpus} ...", file=sys.stderr, flush=True)
             payload = common.run_worker(
                 [str(Path(__file__).resolve()), "--worker", str(layers),
-                 *(["--scan"] if scan else []), *(["--quick"] if quick else [])],
+                 *(["--scan"] if scan else []), *(["--quick"] if quick else []),
+                 "--steps", str(steps)],
                 cpus, env, timeout)
             runs.setdefault(key, []).append(json.loads(payload))
     return summarize(runs, layer_counts, threads=threads, quick=quick)
@@ -144,6 +166,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], layer_counts: tuple[int, in
         return a[field] / b[field] if a and b else None
 
     headline = ratio("scan")
+    step_s = {k: min(r["step_s"] for r in runs[k]) for k, v in best.items()
+              if v.get("step_s") is not None}
     note = None
     if headline is None:
         errors = [rs[0].get("error") for rs in runs.values() if not rs[0]["available"]]
@@ -160,6 +184,11 @@ def summarize(runs: dict[str, list[dict[str, Any]]], layer_counts: tuple[int, in
         "total_s": {k: v["total_s"] for k, v in best.items()},
         "lower_s": {k: v["lower_s"] for k, v in best.items()},
         "compile_s": {k: v["compile_s"] for k, v in best.items()},
+        "step_s": step_s,
+        # Step time scanned over unrolled, per depth (the stacked layout's runtime cost).
+        "scan_step_over_unrolled": {
+            n: step_s[_key(n, True)] / step_s[_key(n, False)] for n in layer_counts
+            if _key(n, True) in step_s and _key(n, False) in step_s},
         "peak_rss_mb": max((v["peak_rss_mb"] for v in best.values()), default=None),
         "contended": [k for k, v in best.items() if v["contended"]],
         "threads": threads, "quick": quick, "runs": runs,
@@ -175,6 +204,8 @@ def print_summary(s: dict[str, Any]) -> None:
     for key in s["total_s"]:
         print(f"  {key:12} lower {s['lower_s'][key]:7.2f} s  compile {s['compile_s'][key]:7.2f} s"
               f"  total {s['total_s'][key]:7.2f} s")
+    for key, seconds in s.get("step_s", {}).items():
+        print(f"  {key:12} step {seconds:7.3f} s (median)")
     if s["note"]:
         print(f"NOTE: {s['note']}")
     for kind in ("scan", "unrolled"):
@@ -199,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON object as last line")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, to check the plumbing (the numbers mean nothing)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="also time this many train steps per point (median; 0: none)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # its value: layers
     parser.add_argument("--scan", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -207,10 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker is not None:
         if args.quick:
             t5_lora_step.use_quick_shapes()
-        print(common.RESULT_PREFIX + json.dumps(worker(args.worker, args.scan)), flush=True)
+        print(common.RESULT_PREFIX + json.dumps(worker(args.worker, args.scan, args.steps)),
+              flush=True)
         return
     summary = run(threads=args.threads, timeout=args.timeout, repeats=args.repeats,
-                  quick=args.quick, unrolled=not args.no_unrolled)
+                  quick=args.quick, unrolled=not args.no_unrolled, steps=args.steps)
     print_summary(summary)
     if args.json:
         print(json.dumps(summary))

@@ -197,7 +197,10 @@ def test_scan_summary_with_and_without_scan_layers():
     runs = {"scan_6": [point(6, True, 12.0), point(6, True, 10.0)],
             "scan_24": [point(24, True, 13.0)],
             "unrolled_6": [point(6, False, 10.0)], "unrolled_24": [point(24, False, 35.0)]}
+    for key, seconds in (("scan_24", 0.6), ("unrolled_24", 0.5), ("unrolled_6", 0.2)):
+        runs[key][0]["step_s"] = seconds
     s = scan_compile.summarize(runs, (6, 24), threads=2, quick=False)
+    assert s["scan_step_over_unrolled"] == {24: pytest.approx(1.2)}  # 6: scanned not timed
     assert s["scan_compile_ratio_24_vs_6"] == pytest.approx(1.3)  # best of the two 6-layer runs
     assert s["target_met"] is True and s["unrolled_compile_ratio_24_vs_6"] == pytest.approx(3.5)
     missing = {"available": False, "error": "TypeError: unexpected keyword 'scan_layers'"}
