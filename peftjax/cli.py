@@ -81,6 +81,7 @@ def _run(command: str) -> None:
     if _CONFIG.value is not None:
         _make_task_modules_importable(flags.FLAGS["config"].config_filename)
     _join_processes()
+    _check_process_count(command)
     try:
         if command == "params":
             from peftjax.train.accounting import count_parameters
@@ -111,12 +112,13 @@ def _run(command: str) -> None:
                     sys.path.insert(0, os.getcwd())
                 config = read_config(_WORKDIR.value)
             results = evaluate_run(config, _WORKDIR.value)
-            print(format_table({k: results[k] for k in ("adapted", "base")}))
-            if "heldout" in results:
-                print("Held-out tasks (never trained on):")
-                print(format_table({"adapted": results["heldout"],
-                                    "base": results["heldout_base"]}))
-            print(f"Wrote {os.path.join(_WORKDIR.value, 'eval', 'metrics.json')}")
+            if _is_main_process():  # every process has every score; one prints them
+                print(format_table({k: results[k] for k in ("adapted", "base")}))
+                if "heldout" in results:
+                    print("Held-out tasks (never trained on):")
+                    print(format_table({"adapted": results["heldout"],
+                                        "base": results["heldout_base"]}))
+                print(f"Wrote {os.path.join(_WORKDIR.value, 'eval', 'metrics.json')}")
     except (ConfigError, CheckpointError, CheckpointMismatchError, FileNotFoundError,
             ImportError, ValueError, KeyError) as e:
         raise UserError(str(e).strip('"')) from e
@@ -136,10 +138,29 @@ def _join_processes() -> None:
         print(distributed.describe(), flush=True)
 
 
-def _report_preemption(e) -> None:
+# Commands that read a trained run and write files from one process: they handle the small
+# trainable state only, and a checkpoint written by any number of processes restores in one.
+SINGLE_PROCESS_COMMANDS = ("export-peft", "export-adapters", "routing")
+
+
+def _check_process_count(command: str) -> None:
     import jax
 
-    if jax.process_index() == 0:
+    if command in SINGLE_PROCESS_COMMANDS and jax.process_count() > 1:
+        raise UserError(f"peftjax {command} runs in one process (it would write the same files "
+                        f"from all {jax.process_count()}); run it without --coordinator / "
+                        "--num_processes / --distributed: it reads checkpoints written by any "
+                        "number of processes.")
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _report_preemption(e) -> None:
+    if _is_main_process():
         command = "peftjax " + shlex.join(sys.argv[1:])
         print(f"peftjax train: {e.reason}: saved a checkpoint at step {e.step} in {e.directory}."
               f" Resume with the same command: {command}", flush=True)

@@ -148,7 +148,11 @@ class SiteGroup(nnx.Module):
                 flat[name] = i_rsp @ w + b  # [rows, sites, out]
             else:
                 flat[name] = jnp.einsum("rp,spo->rso", i_rsp[:, 0], w) + b
-        return {path: {name: flat[name][:, s].reshape(rows, *out.shape)
+        # One split per output, not a slice per site: the gradient is then one concatenate
+        # instead of a zero-pad and an add per site.
+        per_site = {name: jnp.split(flat[name], len(self.paths), axis=1)
+                    for name, _ in self.outputs}
+        return {path: {name: per_site[name][s].reshape(rows, *out.shape)
                        for name, out in self.outputs}
                 for s, path in enumerate(self.paths)}
 
