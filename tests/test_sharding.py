@@ -301,3 +301,24 @@ def test_batch_sizes_must_split_over_the_data_parallel_shards(name, key, message
         mesh_from_config(config)
     config.data[key] = 12  # the model axis does not split the batch: 12 = 6 x 2 works on tp
     mesh_from_config(config)
+
+
+def test_device_grid_keeps_tensor_parallel_groups_within_a_process(caplog):
+    """Default arrangement: devices by (process, id), so `model` then `fsdp` fill a process's
+    devices first; a `model` group spanning processes is reported with the fix."""
+    from types import SimpleNamespace
+
+    from peftjax.sharding.mesh import device_grid, model_axis_spread
+
+    # Two hosts x 4 devices, listed interleaved (as no runtime promises an order).
+    devices = [SimpleNamespace(platform="gpu", process_index=p, id=4 * p + i)
+               for i in range(4) for p in (1, 0)]
+    grid = device_grid((2, 2, 2), devices)
+    assert [[d.process_index for d in row] for row in grid.reshape(-1, 2)] == [
+        [0, 0], [0, 0], [1, 1], [1, 1]]
+    assert [d.id for d in grid.reshape(-1)] == list(range(8))
+    assert model_axis_spread(grid) == 1
+    assert model_axis_spread(device_grid((1, 1, 8), devices)) == 2
+    with caplog.at_level("WARNING", logger="peftjax.sharding.mesh"):
+        make_mesh({"data": 2, "fsdp": 1, "model": 2})  # one process here: no warning
+    assert "crossed" not in caplog.text and "processes" not in caplog.text

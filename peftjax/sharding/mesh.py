@@ -7,14 +7,18 @@ code then runs on 1 device, N devices or N hosts.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "model")
+
+log = logging.getLogger(__name__)
 
 # Logical axis → mesh axis: the one table for every mesh preset (`peftjax.sharding.presets`
 # picks the mesh shape, never the rules), as in MaxText. A mesh axis of size 1 drops out, so on a
@@ -80,7 +84,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     """A mesh over `devices` (default: all) with axes `data, fsdp, model`; one -1 fills the rest.
 
     Axis types are Auto: XLA propagates shardings from the parameter and batch placements.
+    All devices are arranged by `device_grid`; explicit `devices` keep their order.
     """
+    arrange = devices is None
     devices = list(jax.devices() if devices is None else devices)
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
@@ -97,8 +103,33 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
         raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs "
                          f"{int(np.prod(sizes))} devices but {len(devices)} are available; fix "
                          "config.mesh.shape (use -1 for the axis that takes the rest).")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    grid = device_grid(sizes, devices) if arrange else np.asarray(devices).reshape(sizes)
+    if (spread := model_axis_spread(grid)) > 1:
+        log.warning("config.mesh.shape puts each 'model' (tensor-parallel) group of %d devices "
+                    "on %d processes: its collectives, every layer, would cross hosts. Make "
+                    "mesh model divide the devices per process (%d).", sizes[-1], spread,
+                    jax.local_device_count())
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(sizes: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """`devices` arranged as a `[data, fsdp, model]` array.
+
+    TPUs: by the physical topology (`mesh_utils.create_device_mesh`), so neighbouring mesh
+    positions are ICI neighbours. Elsewhere: by (process, id), so the innermost axes (`model`,
+    then `fsdp`) fill one process's devices before the next: tensor-parallel traffic stays
+    within a host, and data parallelism spans hosts.
+    """
+    if devices and devices[0].platform == "tpu" and len(devices) == jax.device_count():
+        return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return np.asarray(ordered).reshape(sizes)
+
+
+def model_axis_spread(grid: np.ndarray) -> int:
+    """The most processes any one `model` group (a row along the last axis) spans."""
+    rows = grid.reshape(-1, grid.shape[-1])
+    return max(len({d.process_index for d in row}) for row in rows)
 
 
 def _mesh_axes(name: str | None, rules: Rules, mesh: Mesh) -> tuple[str, ...]:

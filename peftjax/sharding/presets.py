@@ -112,11 +112,11 @@ def mesh_from_config(config: ConfigDict,
                      devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The run's mesh from `config.mesh` (preset or shape) over `devices` (default: all),
     after checking the rules table and that the batch sizes split over it."""
-    devices = list(jax.devices() if devices is None else devices)
+    count = jax.device_count() if devices is None else len(devices)
     config_error = _config_error_type()
     try:
         check_rules(config.mesh.rules)
-        mesh = make_mesh(mesh_shape(config.mesh, len(devices)), devices)
+        mesh = make_mesh(mesh_shape(config.mesh, count), devices)
     except config_error:
         raise
     except ValueError as e:  # make_mesh / check_rules: the message names the key already
