@@ -17,6 +17,16 @@ def run_peftjax(*args: str, cwd: str = REPO, timeout: int = 600) -> subprocess.C
                           capture_output=True, text=True, timeout=timeout)
 
 
+def compile_cache_env(directory) -> dict[str, str]:
+    """Environment variables under which subprocesses share JAX's persistent compilation cache
+    in `directory`, every program cached (most of a tiny run's take well under the default 1 s
+    threshold): runs of one config, or a run and its resume, then compile each program once.
+    A cached executable is the one XLA would compile again, so no result changes."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(directory),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def save_hf_t5(path, *, tie: bool, seed: int = 0, vocab_size: int = 97, **fields):
     """A random transformers T5 saved as a v1.1-style (untied) or original-style directory.
 
@@ -99,16 +109,13 @@ def single_and_sharded_step(exp, config, optimizer):
     the host batch)."""
     import jax
 
-    from peftjax import data
     from peftjax.train.loop import put_batch
     from peftjax.train.step import init_train_state, make_train_step
 
     step = make_train_step(exp.graphdef, optimizer, packed=True, num_task_ids=exp.num_task_ids,
                            donate=False)
-    batch = next(data.train_batches(config.data.mixture, batch_size=config.data.batch_size,
-                                    inputs_length=config.data.inputs_length,
-                                    targets_length=config.data.targets_length, pack=True,
-                                    seed=config.seed))
+    assert config.data.pack, "single_and_sharded_step needs config.data.pack=True"
+    batch = first_batch(config)  # shared with the other callers of the same data setup
     assert any(len(set(row[row > 0])) > 1 for row in batch["encoder_task_ids"])  # mixed rows
     one = jax.devices()[0]
     single = step(*jax.device_put((init_train_state(exp.trainable, optimizer), exp.frozen), one),

@@ -205,13 +205,10 @@ peftjax_cli = helpers.run_peftjax
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """Two steps of configs/tiny.py, one LoRA per task, on its random-init base."""
+    """configs/tiny.py with one LoRA per task on its random-init base, saved as `peftjax train`
+    saves a run, its LoRAs randomised (B != 0) instead of trained (tests/test_cli.py trains)."""
     workdir = tmp_path_factory.mktemp("run")
-    result = peftjax_cli("train", "--config", os.path.join(REPO, "configs", "tiny.py"),
-                         "--workdir", str(workdir), "--config.peft.mode=per_task",
-                         "--config.train.steps=2", "--config.train.checkpoint_every=2",
-                         "--config.train.log_every=2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    helpers.save_run(str(workdir), helpers.tiny_config(peft__mode="per_task"), step=2)
     return workdir
 
 

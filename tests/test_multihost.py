@@ -22,7 +22,7 @@ import pytest
 from launch import local
 from peftjax import distributed
 from peftjax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
-from tests.helpers import REPO, run_peftjax
+from tests.helpers import REPO, compile_cache_env, run_peftjax
 
 ARGS = ["--config", os.path.join(REPO, "configs", "tiny.py"),
         "--config.data.mixture=synthetic_reverse_shift",  # one task: a short final eval
@@ -36,11 +36,13 @@ RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def env():
-    """The launches' environment: this repo importable, no coordinator settings inherited."""
+def env(tmp_path_factory):
+    """The launches' environment: this repo importable, no coordinator settings inherited, one
+    compilation cache (the 1 x 4 runs compile the same programs, and so do the 2 x 2 ones)."""
     env = {k: v for k, v in os.environ.items()
            if k not in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)}
     env["PYTHONPATH"] = REPO
+    env.update(compile_cache_env(tmp_path_factory.mktemp("jax_cache")))
     return env
 
 

@@ -35,7 +35,7 @@ from peftjax.sharding import DEFAULT_RULES, mesh_from_config, state_shardings
 from peftjax.train import build
 from peftjax.train.loop import put_batch
 from peftjax.train.step import init_train_state, make_train_step
-from tests.helpers import host, tiny_config
+from tests.helpers import first_batch, host, tiny_config
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "partition_specs.json")
 UPDATE = os.environ.get("PEFTJAX_UPDATE_GOLDEN") == "1"
@@ -204,10 +204,8 @@ def test_each_preset_places_as_the_golden_file_and_steps_like_one_device(current
     SGD step on a packed batch of mixed-task rows equals the single-device step."""
     config = step_config("")
     data.import_task_modules(list(config.data.task_modules))
-    batch = next(data.train_batches(config.data.mixture, batch_size=config.data.batch_size,
-                                    inputs_length=config.data.inputs_length,
-                                    targets_length=config.data.targets_length, pack=True,
-                                    seed=config.seed))
+    assert config.data.pack
+    batch = first_batch(config)  # the batch of tests/test_routing.py, test_hyper.py's steps
     assert any(len(set(row[row > 0])) > 1 for row in batch["encoder_task_ids"])  # mixed rows
     optimizer = optax.sgd(0.5)  # updates linear in the gradients (see tests/test_train.py)
     reference = build(config)
