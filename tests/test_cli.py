@@ -224,3 +224,18 @@ def test_quickstart_adapters_clearly_beat_the_shipped_frozen_base(tmp_path):
     mean = {column: sum(s["exact_match"] for s in tasks.values()) / len(tasks)
             for column, tasks in metrics.items()}
     assert mean["adapted"] - mean["base"] >= 0.2, mean
+
+
+def test_single_process_commands_refuse_several_processes(monkeypatch):
+    """export-peft / export-adapters / routing write files: in a multi-process launch every
+    process would write them; they say to run in one process (which reads any checkpoint)."""
+    import jax
+
+    from peftjax import cli
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for command in ("export-peft", "export-adapters", "routing"):
+        with pytest.raises(cli.UserError, match=f"peftjax {command} runs in one process"):
+            cli._check_process_count(command)
+    cli._check_process_count("train")  # train and eval run in every process
+    cli._check_process_count("eval")
