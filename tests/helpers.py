@@ -1,6 +1,7 @@
 """What several test files share: running the CLI as users do, random HF T5 checkpoints, tiny
 run configs, and "trained" runs saved without training."""
 
+import contextlib
 import functools
 import json
 import os
@@ -17,6 +18,75 @@ def run_peftjax(*args: str, cwd: str = REPO, timeout: int = 600) -> subprocess.C
                           capture_output=True, text=True, timeout=timeout)
 
 
+# Runs `peftjax.cli.main` (what the `peftjax` script calls) on each argv of a JSON list, one
+# after another in this process: absl's flags are reset between commands, each command's exit
+# status and its file descriptors 1 and 2 (Python's and native libraries' output alike) are
+# captured, and an exception that escapes `main` is printed to its stderr as Python would (a
+# traceback). The results go to the JSON file named last.
+_ONE_PROCESS = """
+import json, os, sys, tempfile, traceback
+from absl import flags
+from peftjax import cli
+
+def run(argv):
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # the last overrides
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+    sys.argv = ["peftjax", *argv]  # ml_collections reads the overrides from sys.argv
+    files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    saved = [os.dup(1), os.dup(2)]
+    sys.stdout.flush(), sys.stderr.flush()
+    for fd, f in zip((1, 2), files):
+        os.dup2(f.fileno(), fd)
+    try:
+        cli.main(list(sys.argv))
+        status = 0
+    except SystemExit as e:  # as the interpreter exits: None is 0, a message is 1
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int | None):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+    out = []
+    for f in files:
+        f.seek(0)
+        out.append(f.read().decode(errors="replace"))
+        f.close()
+    return [argv, status, *out]
+
+commands, results_file = json.loads(sys.argv[1]), sys.argv[2]  # before run() sets sys.argv
+results = [run(argv) for argv in commands]
+with open(results_file, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def run_peftjax_in_one_process(commands: dict[str, list[str]], cwd: str = REPO,
+                               timeout: int = 600) -> dict[str, subprocess.CompletedProcess]:
+    """`peftjax ARGV` for each `{name: ARGV}`, one after another in one fresh process: `{name:
+    CompletedProcess}` as `run_peftjax` gives. For commands that stop before training
+    (refusals, counts), where a process per command would mostly import TensorFlow again."""
+    import tempfile
+
+    env = dict(os.environ, PYTHONPATH=REPO)
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "results.json")
+        driver = subprocess.run([sys.executable, "-c", _ONE_PROCESS,
+                                 json.dumps(list(commands.values())), out], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=timeout)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        with open(out) as f:
+            results = json.load(f)
+    return {name: subprocess.CompletedProcess(["peftjax", *argv], status, stdout, stderr)
+            for name, (argv, status, stdout, stderr) in zip(commands, results, strict=True)}
+
+
 def compile_cache_env(directory) -> dict[str, str]:
     """Environment variables under which subprocesses share JAX's persistent compilation cache
     in `directory`, every program cached (most of a tiny run's take well under the default 1 s
@@ -25,6 +95,18 @@ def compile_cache_env(directory) -> dict[str, str]:
     return {"JAX_COMPILATION_CACHE_DIR": str(directory),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@contextlib.contextmanager
+def shared_compile_cache(directory):
+    """Within it, every subprocess started (runs, kernels) shares the compilation cache in
+    `directory` (`compile_cache_env`); the environment is restored on exit."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in compile_cache_env(directory).items():
+            patch.setenv(key, value)
+        yield
 
 
 def save_hf_t5(path, *, tie: bool, seed: int = 0, vocab_size: int = 97, **fields):

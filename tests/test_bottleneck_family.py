@@ -241,6 +241,7 @@ def test_compacter_trains_and_restores_with_its_shared_rule(tmp_path):
     config.peft.method, config.peft.mode = "compacter", "per_task"
     config.optim.warmup_steps = 0
     config.train.steps, config.train.checkpoint_every = 3, 3
+    config.data.mixture = "synthetic_reverse_shift"  # one task: a short final eval
     config.data.eval_examples = 2
     train(config, str(tmp_path))
     exp, state = restore_trained(config, str(tmp_path))

@@ -34,7 +34,7 @@ from peftjax.routing.fusion import REG_COEF, Fusion
 from peftjax.routing.record import capture
 from peftjax.train import build
 from peftjax.train import loop as train_loop
-from tests.helpers import run_peftjax, save_run, tiny_config
+from tests.helpers import run_peftjax, save_run, shared_compile_cache, tiny_config
 
 RNG = np.random.default_rng(0)
 FFN = "encoder.layers.1.post_ffn"
@@ -386,23 +386,25 @@ def test_configs_build():
 def test_zero_step_arrow_run_end_to_end(tmp_path):
     """configs/arrow.py:quick over a per-task LoRA run of configs/lora.py:quick,per_task (saved
     with random non-zero B, q projections only for a short build): `peftjax train` with zero
-    steps checkpoints and evaluates; `peftjax eval` restores and writes metrics.json."""
-    source = str(tmp_path / "lora_per_task")
-    lora = lora_config.get_config("quick,per_task")
-    lora.peft.targets = r".*self_attention\.q"
-    save_run(source, lora)
-    workdir = str(tmp_path / "arrow")
-    flags = ["--config", "configs/arrow.py:quick", "--workdir", workdir,
-             f"--config.peft.sources=('{source}',)", "--config.data.eval_examples=2",
-             "--config.data.eval_batch_size=4"]
-    result = run_peftjax("train", *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "trainable 0 " in result.stdout and "Final eval" in result.stdout
-    assert Checkpoints(os.path.join(workdir, "checkpoints"), create=False).latest_step() == 0
-    result = run_peftjax("eval", *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-        metrics = json.load(f)
-    heldout = {"synthetic_reverse_shift_double", "synthetic_reverse_upper_double"}
-    assert set(metrics["adapted"]) == set(metrics["base"]) == heldout
-    assert all(np.isfinite(v) for s in metrics["adapted"].values() for v in s.values())
+    steps checkpoints and evaluates; `peftjax eval` restores and writes metrics.json (its
+    adapted column's programs from the compilation cache the train filled)."""
+    with shared_compile_cache(tmp_path / "jax_cache"):
+        source = str(tmp_path / "lora_per_task")
+        lora = lora_config.get_config("quick,per_task")
+        lora.peft.targets = r".*self_attention\.q"
+        save_run(source, lora)
+        workdir = str(tmp_path / "arrow")
+        flags = ["--config", "configs/arrow.py:quick", "--workdir", workdir,
+                 f"--config.peft.sources=('{source}',)", "--config.data.eval_examples=2",
+                 "--config.data.eval_batch_size=4"]
+        result = run_peftjax("train", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "trainable 0 " in result.stdout and "Final eval" in result.stdout
+        assert Checkpoints(os.path.join(workdir, "checkpoints"), create=False).latest_step() == 0
+        result = run_peftjax("eval", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+            metrics = json.load(f)
+        heldout = {"synthetic_reverse_shift_double", "synthetic_reverse_upper_double"}
+        assert set(metrics["adapted"]) == set(metrics["base"]) == heldout
+        assert all(np.isfinite(v) for s in metrics["adapted"].values() for v in s.values())

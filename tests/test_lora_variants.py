@@ -200,6 +200,7 @@ def frozen_a_config():
     config.peft.freeze_a = True
     config.peft.mode = "per_task"
     config.train.steps = 3
+    config.data.mixture = "synthetic_reverse_shift"  # one task: a short final eval
     config.data.eval_examples = 2
     config.optim.warmup_steps = 0
     config.optim.learning_rate = 1e-2

@@ -18,7 +18,7 @@ from peftjax.models import T5, preset
 from peftjax.models.hf import to_hf
 from peftjax.train import build
 from peftjax.train.accounting import count_parameters
-from tests.helpers import REPO, run_peftjax
+from tests.helpers import REPO, run_peftjax_in_one_process
 
 LORA = os.path.join(REPO, "configs", "lora.py")
 QV = r".*attention\.(q|v)"
@@ -63,13 +63,23 @@ def ours(size="base", config_name="lora", **peft_overrides) -> dict:
     return count_parameters(config)
 
 
-def run_cli(*args, cwd=REPO):
-    return run_peftjax("params", *args, cwd=cwd, timeout=300)
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """`peftjax params` on LoRA's config (T5 v1.1 base shapes, q and v) and on a target that
+    matches nothing, run in one process from an empty directory: (that directory, results)."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    results = run_peftjax_in_one_process({
+        "lora": ["params", "--config", LORA, "--config.model.hf_path=",
+                 "--config.model.size=base", "--config.peft.rank=8",
+                 f"--config.peft.targets={QV}"],
+        "bad": ["params", "--config", LORA, "--config.peft.targets=nothing_matches"],
+    }, cwd=str(cwd), timeout=300)
+    return cwd, results
 
 
-def test_cli_lora_matches_peft_on_t5_v11_base_and_writes_nothing(tmp_path):
-    result = run_cli("--config", LORA, "--config.model.hf_path=", "--config.model.size=base",
-                     "--config.peft.rank=8", f"--config.peft.targets={QV}", cwd=tmp_path)
+def test_cli_lora_matches_peft_on_t5_v11_base_and_writes_nothing(cli):
+    cwd, results = cli
+    result = results["lora"]
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout  # one JSON line, nothing else on stdout
@@ -83,16 +93,17 @@ def test_cli_lora_matches_peft_on_t5_v11_base_and_writes_nothing(tmp_path):
     assert counts["trainable_by_variable"] == {"lora_a": 72 * 768 * 8, "lora_b": 72 * 8 * 768}
     assert counts["per_task_trainable"] is None and counts["shared_trainable"] == trainable
     assert counts["trainable_bytes"] == 4 * trainable  # float32
-    assert os.listdir(tmp_path) == []  # the working directory is left untouched
+    assert os.listdir(cwd) == []  # the working directory is left untouched
 
 
-@pytest.mark.slow  # a second CLI process (~10 s of imports)
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
-    result = run_cli("--config", LORA, "--config.peft.targets=nothing_matches", cwd=tmp_path)
+def test_cli_bad_input_is_one_line_and_exit_2(cli):
+    cwd, results = cli
+    result = results["bad"]
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("peftjax params:")]
     assert len(error) == 1 and "config.peft.targets" in error[0], result.stderr[-2000:]
-    assert result.stdout == "" and os.listdir(tmp_path) == []
+    assert "Traceback" not in result.stderr
+    assert result.stdout == "" and os.listdir(cwd) == []
 
 
 def test_dora_matches_peft():

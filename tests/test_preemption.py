@@ -18,7 +18,7 @@ import pytest
 from peftjax.checkpoint import Checkpoints
 from peftjax.train.loop import restore_trained
 from peftjax.train.preemption import SIGNALS, Preempted, PreemptionWatch
-from tests.helpers import REPO, compile_cache_env, host, run_peftjax, tiny_config
+from tests.helpers import REPO, host, run_peftjax, shared_compile_cache, tiny_config
 
 TINY = os.path.join(REPO, "configs", "tiny.py")
 STEPS, CHECKPOINT_EVERY = 60, 20
@@ -30,9 +30,7 @@ OVERRIDES = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every
 @pytest.fixture(scope="module", autouse=True)
 def shared_compiles(tmp_path_factory):
     """The runs below (one config) compile their programs once, into a shared cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in compile_cache_env(tmp_path_factory.mktemp("jax_cache")).items():
-            patch.setenv(key, value)
+    with shared_compile_cache(tmp_path_factory.mktemp("jax_cache")):
         yield
 
 

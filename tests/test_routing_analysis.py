@@ -14,7 +14,7 @@ import pytest
 
 from peftjax.analysis import routing as analysis
 from peftjax.config import to_json
-from tests.helpers import REPO, run_peftjax
+from tests.helpers import REPO, run_peftjax, shared_compile_cache
 
 EXAMPLES = 2  # eval examples per task that token routers run on
 # Fewer adapted modules than the configs' every projection (faster to compile): self and cross
@@ -30,14 +30,16 @@ NOTEBOOK = os.path.join(REPO, "notebooks", "routing_analysis")
 
 
 @pytest.fixture(scope="module")
-def one_device():
+def one_device(tmp_path_factory):
     """Subprocesses (runs, the notebook's kernel) on one CPU device, not the 4 that conftest
     forces for the sharding tests: a quarter of the compile and step time. This process's
-    devices are fixed already (`jax.devices()` initialises them first)."""
+    devices are fixed already (`jax.devices()` initialises them first). They share a
+    compilation cache: `peftjax routing` and the notebook run the same Poly forward."""
     import jax
 
     jax.devices()
-    with pytest.MonkeyPatch.context() as patch:
+    with (pytest.MonkeyPatch.context() as patch,
+          shared_compile_cache(tmp_path_factory.mktemp("jax_cache"))):
         patch.setenv("XLA_FLAGS", "")
         yield
 
@@ -187,7 +189,8 @@ def test_token_weights_are_the_gates_on_each_token(runs, molora_weights):
 
 def test_cli_writes_the_same_arrays(runs, poly_weights, tmp_path, one_device):
     out = tmp_path / "sub" / "poly.npz"
-    result = run_peftjax("routing", "--workdir", runs["poly"], "--out", str(out))
+    result = run_peftjax("routing", "--workdir", runs["poly"], "--out", str(out),
+                         f"--examples={EXAMPLES}")
     assert result.returncode == 0, result.stderr[-3000:]
     saved = analysis.load_npz(str(out))
     assert list(saved) == list(poly_weights)

@@ -494,6 +494,7 @@ def test_quick_configs_build_on_their_sources(module, quick_sources):
 def test_quick_scalearn_trains_end_to_end(quick_sources, tmp_path):
     config = quick_config(scalearn, quick_sources)
     config.train.steps, config.data.eval_examples, config.train.progress = 4, 2, False
+    config.data.mixture = "synthetic_reverse_shift"  # one task: a short final eval
     means = train_loop.train(config, str(tmp_path))
     assert means and all(np.isfinite(v) for v in means.values())
     exp, state = train_loop.restore_trained(config, str(tmp_path))

@@ -16,6 +16,7 @@ from peftjax.train import build, train
 from peftjax.train.loop import put_batch
 from peftjax.train.optim import make_optimizer
 from peftjax.train.step import TrainState, init_train_state, make_train_step
+from tests.helpers import save_run
 
 
 def tiny_config(**changes):
@@ -107,7 +108,7 @@ def test_frozen_adapter_state_is_checkpointed_and_wins_over_a_changed_source(tmp
 
 
 def test_workdir_of_another_model_is_refused_without_writing(tmp_path):
-    train(tiny_config(train__steps=2, data__eval_examples=2), str(tmp_path))
+    save_run(tmp_path, tiny_config(train__steps=2), step=2)  # a run saved as `train` saves it
     before = sorted(os.listdir(tmp_path)), os.path.getmtime(tmp_path / "config.json")
     with pytest.raises(CheckpointMismatchError, match="different model or PEFT setup"):
         train(tiny_config(train__steps=4, peft__method="houlsby"), str(tmp_path))
