@@ -67,7 +67,8 @@ FIGURES: dict[str, tuple[str, str, Any]] = {
 
 def part_lora(opts: argparse.Namespace) -> dict[str, Any]:
     args = argparse.Namespace(steps=opts.steps, warmup=opts.warmup, threads=opts.threads,
-                              no_full_ft=False, quiet_wait=opts.quiet_wait, timeout=opts.timeout)
+                              no_full_ft=False, no_bf16=False, quiet_wait=opts.quiet_wait,
+                              timeout=opts.timeout)
     summary = t5_lora_step.run_all(args)
     t5_lora_step.print_table(summary)
     return summary
@@ -231,7 +232,8 @@ def peak_memory(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def contrast(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Secondary ratios that put the headline figures in context."""
-    keys = {"lora": ("full_ft_speedup",),
+    keys = {"lora": ("full_ft_speedup", "bf16_speedup", "bf16_vs_hf_fp32_speedup",
+                     "bf16_over_fp32_peftjax"),
             "mixed": ("mixed_vs_same_step_ratio", "packed_mixed_vs_shared_ratio",
                       "peftjax_infer_mixed_vs_shared_ratio", "hf_peft_infer_mixed_vs_single_ratio",
                       "hf_peft_infer_same_name_vs_single_ratio"),

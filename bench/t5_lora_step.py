@@ -12,6 +12,10 @@ What is measured (random weights, no downloads; batch 8 x 128 input / 32 target 
     lora_alpha=16, target_modules=["q", "v"]))`, torch AdamW, `loss.backward()`, `step()`,
     `zero_grad()`;
   * full fine-tuning of both (peftjax: the same step with every `nnx.Param` trainable);
+  * both LoRA steps again in bf16: peftjax with `dtype=param_dtype="bfloat16"` (bf16 compute and
+    frozen base, fp32 LoRA masters and AdamW state), HF peft under
+    `torch.autocast("cpu", dtype=torch.bfloat16)` (what transformers' Trainer runs with
+    `bf16=True`), beside both frameworks' bf16 matmul rate (`--no-bf16` skips them);
   * XLA's FLOP count of the peftjax steps and this machine's fp32 2048^3 matmul rate in JAX (and
     torch), hence the FLOP floor of a step.
 
@@ -90,14 +94,17 @@ def _xla_gflop(compiled: Any) -> float:
     return cost["flops"] / 1e9
 
 
-def worker_jax_matmul(steps: int, warmup: int, quiet_wait_s: float) -> dict[str, Any]:
+def worker_jax_matmul(steps: int, warmup: int, quiet_wait_s: float,
+                      bf16: bool = False) -> dict[str, Any]:
+    """fp32, or bf16 operands accumulated in fp32 (the product peftjax's bf16 layers run)."""
     import jax
     import jax.numpy as jnp
 
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
     key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (MATMUL_N, MATMUL_N), jnp.float32)
-    b = jax.random.normal(key_b, (MATMUL_N, MATMUL_N), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
+    a = jax.random.normal(key_a, (MATMUL_N, MATMUL_N), dtype)
+    b = jax.random.normal(key_b, (MATMUL_N, MATMUL_N), dtype)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     for _ in range(warmup):
         matmul(a, b).block_until_ready()
     timing = common.time_steps(lambda: matmul(a, b).block_until_ready(), steps,
@@ -105,14 +112,15 @@ def worker_jax_matmul(steps: int, warmup: int, quiet_wait_s: float) -> dict[str,
     return _matmul_summary(timing)
 
 
-def worker_torch_matmul(steps: int, warmup: int, quiet_wait_s: float,
-                        threads: int) -> dict[str, Any]:
+def worker_torch_matmul(steps: int, warmup: int, quiet_wait_s: float, threads: int,
+                        bf16: bool = False) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
-    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen).to(dtype)
+    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen).to(dtype)
     for _ in range(warmup):
         a @ b
     timing = common.time_steps(lambda: a @ b, steps, quiet_wait_s=quiet_wait_s)
@@ -125,8 +133,10 @@ def _matmul_summary(timing: dict[str, Any]) -> dict[str, Any]:
             "gflops_best": flop / timing["step_min_s"] / 1e9, "peak_rss_mb": common.peak_rss_mb()}
 
 
-def worker_peftjax(method: str, steps: int, warmup: int, quiet_wait_s: float) -> dict[str, Any]:
-    """`method`: "lora" (LoRA factors trainable) or "full" (every nnx.Param trainable)."""
+def worker_peftjax(method: str, steps: int, warmup: int, quiet_wait_s: float,
+                   bf16: bool = False) -> dict[str, Any]:
+    """`method`: "lora" (LoRA factors trainable) or "full" (every nnx.Param trainable); `bf16`:
+    bf16 compute and frozen base (the trainables stay fp32)."""
     import time
 
     import jax
@@ -139,6 +149,8 @@ def worker_peftjax(method: str, steps: int, warmup: int, quiet_wait_s: float) ->
 
     rss_after_import = common.rss_mb()
     cfg = preset("small", **SHAPE) if QUICK else preset("small")
+    if bf16:
+        cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     mismatch = {k: (getattr(cfg, k), v) for k, v in SHAPE.items() if getattr(cfg, k) != v}
     if mismatch or cfg.feed_forward_proj != "gated-gelu" or cfg.tie_word_embeddings:
         raise RuntimeError(f"preset('small') is not the T5 v1.1 small shape: {mismatch}")
@@ -208,9 +220,12 @@ def hf_base_model() -> Any:
     return model
 
 
-def worker_hf(method: str, steps: int, warmup: int, quiet_wait_s: float,
-              threads: int) -> dict[str, Any]:
-    """`method`: "lora" (HF peft LoRA) or "full" (plain model, every parameter trained)."""
+def worker_hf(method: str, steps: int, warmup: int, quiet_wait_s: float, threads: int,
+              bf16: bool = False) -> dict[str, Any]:
+    """`method`: "lora" (HF peft LoRA) or "full" (plain model, every parameter trained); `bf16`:
+    the forward under `torch.autocast` to bf16 (fp32 weights, as transformers' Trainer runs)."""
+    import contextlib
+
     import peft
     import torch
     import transformers  # noqa: F401  (loaded before `rss_after_import`, as before)
@@ -240,7 +255,8 @@ def worker_hf(method: str, steps: int, warmup: int, quiet_wait_s: float,
     losses: list[float] = []
 
     def step() -> None:
-        loss = model(**inputs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -259,14 +275,16 @@ def worker_hf(method: str, steps: int, warmup: int, quiet_wait_s: float,
 
 def run_worker_in_process(args: argparse.Namespace) -> dict[str, Any]:
     name, steps, warmup, quiet = args.worker, args.steps, args.warmup, args.quiet_wait
+    bf16 = name.endswith("_bf16")
+    name = name.removesuffix("_bf16")
     if name == "jax_matmul":
-        return worker_jax_matmul(max(steps, 10), warmup, quiet)
+        return worker_jax_matmul(max(steps, 10), warmup, quiet, bf16)
     if name == "torch_matmul":
-        return worker_torch_matmul(max(steps, 10), warmup, quiet, args.threads)
+        return worker_torch_matmul(max(steps, 10), warmup, quiet, args.threads, bf16)
     if name.startswith("peftjax_"):
-        return worker_peftjax(name.removeprefix("peftjax_"), steps, warmup, quiet)
+        return worker_peftjax(name.removeprefix("peftjax_"), steps, warmup, quiet, bf16)
     if name.startswith("hf_"):
-        return worker_hf(name.removeprefix("hf_"), steps, warmup, quiet, args.threads)
+        return worker_hf(name.removeprefix("hf_"), steps, warmup, quiet, args.threads, bf16)
     raise SystemExit(f"unknown worker {name!r}")
 
 
@@ -280,6 +298,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     names = ["jax_matmul", "torch_matmul", "peftjax_lora", "hf_lora"]
     if not args.no_full_ft:
         names += ["peftjax_full", "hf_full"]
+    if not getattr(args, "no_bf16", False):
+        names += ["jax_matmul_bf16", "torch_matmul_bf16", "peftjax_lora_bf16", "hf_lora_bf16"]
     results: dict[str, Any] = {}
     for name in names:
         print(f"[bench] {name} on CPUs {cpus} ...", file=sys.stderr, flush=True)
@@ -339,6 +359,27 @@ def summarize(r: dict[str, Any], args: argparse.Namespace, cpus: list[int]) -> d
             "peftjax_full_ft_peak_rss_mb": pf["peak_rss_mb"],
             "hf_full_ft_peak_rss_mb": hff["peak_rss_mb"],
         })
+    if "peftjax_lora_bf16" in r:
+        pj16, hf16 = r["peftjax_lora_bf16"], r["hf_lora_bf16"]
+        mm16 = r["jax_matmul_bf16"]
+        out.update({
+            "bf16_peftjax_step_s": pj16["step_s"], "bf16_hf_peft_step_s": hf16["step_s"],
+            "bf16_peftjax_tokens_per_s": TOKENS_PER_STEP / pj16["step_s"],
+            "bf16_hf_peft_tokens_per_s": TOKENS_PER_STEP / hf16["step_s"],
+            "bf16_speedup": hf16["step_s"] / pj16["step_s"],
+            # peftjax in bf16 against HF peft as most users run it (fp32).
+            "bf16_vs_hf_fp32_speedup": hf["step_s"] / pj16["step_s"],
+            "bf16_over_fp32_peftjax": pj16["step_s"] / pj["step_s"],
+            "bf16_matmul_gflops": mm16["gflops_best"],
+            "bf16_torch_matmul_gflops": r["torch_matmul_bf16"]["gflops_best"],
+            "bf16_peftjax_achieved_gflops": pj16["step_gflop"] / pj16["step_s"],
+            "bf16_hf_peft_achieved_gflops": hf16["step_gflop"] / hf16["step_s"],
+            "bf16_floor_step_s": pj16["step_gflop"] / mm16["gflops_best"],
+            "bf16_peftjax_loss": [pj16["loss_first"], pj16["loss_last"]],
+            "bf16_hf_peft_loss": [hf16["loss_first"], hf16["loss_last"]],
+            "bf16_peftjax_peak_rss_mb": pj16["peak_rss_mb"],
+            "bf16_hf_peft_peak_rss_mb": hf16["peak_rss_mb"],
+        })
     out["workers"] = r
     return out
 
@@ -382,6 +423,18 @@ def print_table(s: dict[str, Any]) -> None:
     if "peftjax_full_ft_step_gflop" in s:
         print(f"full FT step: peftjax {s['peftjax_full_ft_step_gflop']:.1f} GFLOP, achieved "
               f"{s['peftjax_full_ft_achieved_gflops']:.0f} GFLOP/s")
+    if "bf16_speedup" in s:
+        row("bf16 LoRA step, median (s)", s["bf16_peftjax_step_s"], s["bf16_hf_peft_step_s"],
+            s["bf16_speedup"])
+        row("bf16 LoRA peak RSS (MiB)", s["bf16_peftjax_peak_rss_mb"],
+            s["bf16_hf_peft_peak_rss_mb"], None, ".0f")
+        print(f"bf16 {MATMUL_N}^3 matmul (fp32 accumulation): JAX {s['bf16_matmul_gflops']:.0f} "
+              f"GFLOP/s, torch {s['bf16_torch_matmul_gflops']:.0f} GFLOP/s -> floor "
+              f"{s['bf16_floor_step_s']:.3f} s; achieved: peftjax "
+              f"{s['bf16_peftjax_achieved_gflops']:.0f}, HF peft "
+              f"{s['bf16_hf_peft_achieved_gflops']:.0f} GFLOP/s")
+        print(f"peftjax bf16 vs HF peft fp32: {s['bf16_vs_hf_fp32_speedup']:.2f}x; peftjax bf16 "
+              f"step / fp32 step: {s['bf16_over_fp32_peftjax']:.2f}")
     verdict = {True: "met", False: "NOT met", None: "undecided (contended run)"}[s["target_met"]]
     print(f"target peftjax >= {TARGET_SPEEDUP:.0f}x HF peft tokens/s: {verdict} "
           f"({s['speedup']:.2f}x; at the floor it would be "
@@ -398,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     common.add_step_timing_args(parser, per="framework")
     parser.add_argument("--no-full-ft", action="store_true", help="skip full fine-tuning runs")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     common.check_step_timing_args(parser, args)

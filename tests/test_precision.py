@@ -12,7 +12,7 @@ from flax import nnx
 from helpers import first_batch, perturbed, tiny_config
 
 from peftjax.config import ConfigError
-from peftjax.models import T5, preset, to_hf
+from peftjax.models import T5, layers, preset, to_hf
 from peftjax.train import build
 from peftjax.train.loop import put_batch
 from peftjax.train.optim import make_optimizer
@@ -145,3 +145,50 @@ def test_a_bfloat16_base_is_the_float32_base_rounded(tmp_path):
     exp = build(tiny_config(model__hf_path=str(tmp_path), peft__method="none", **BF16))
     assert floating_dtypes(exp.frozen) == {"bfloat16"}
     assert_rounded_copy(exp.frozen, nnx.state(base, nnx.Param))
+
+
+def test_bfloat16_products_and_their_gradients_accumulate_in_float32():
+    """`layers.matmul` on bfloat16 operands (CPU): the product and both gradients are bfloat16
+    x bfloat16 -> float32 dots rounded once, within bfloat16 rounding of a float64
+    recomputation; a frozen kernel's gradient is dropped by XLA; remat changes nothing."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 7, 96)), jnp.bfloat16)
+    w_io = jnp.asarray(rng.normal(size=(96, 40)) / 10, jnp.bfloat16)
+    c = jnp.asarray(rng.normal(size=(2, 7, 40)), jnp.float32)  # cotangent of the output
+
+    def loss(x, w_io):
+        return jnp.sum(layers.matmul(x, w_io).astype(jnp.float32) * c)
+
+    x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w_io, c))
+    y = layers.matmul(x, w_io)
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w_io)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    for got, want in [(y, x64 @ w64), (dx, np.asarray(c64.astype(np.float32).astype(
+            jnp.bfloat16), np.float64) @ w64.T), (dw, np.einsum("bti,bto->io", x64, np.asarray(
+            c64.astype(np.float32).astype(jnp.bfloat16), np.float64)))]:
+        # One rounding to bfloat16 (2^-9 relative) of a float32 accumulation.
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8,
+                                   atol=1e-3 * np.abs(want).max())
+
+    # Every product, forward and backward, multiplies bfloat16s into float32.
+    dots = [eqn for eqn in jaxpr_eqns(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w_io).jaxpr)
+            if eqn.primitive.name == "dot_general"]
+    assert len(dots) == 3
+    for eqn in dots:
+        assert [str(v.aval.dtype) for v in eqn.invars] == ["bfloat16", "bfloat16"], eqn
+        assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+
+    # The input gradient alone is one product: dx (the loss is linear in the output, so the
+    # forward product goes too); the kernel's gradient would be a second.
+    flops_one = 2 * (2 * 7) * 96 * 40
+    cost = jax.jit(jax.grad(loss)).lower(x, w_io).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert flops_one <= cost["flops"] < 1.5 * flops_one, cost["flops"]
+
+    remat = jax.checkpoint(loss, policy=jax.checkpoint_policies.checkpoint_dots)
+    for a, b in zip(jax.grad(remat, (0, 1))(x, w_io), (dx, dw), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+    # float32 operands take the plain product.
+    x32, w32 = x.astype(jnp.float32), w_io.astype(jnp.float32)
+    np.testing.assert_array_equal(layers.matmul(x32, w32), jnp.dot(x32, w32))

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models.context import Context
-from peftjax.models.layers import Dense
+from peftjax.models.layers import Dense, matmul
 from peftjax.peft.config import PeftConfig
 from peftjax.peft.inject import module_paths
 from peftjax.peft.registry import MethodSpec, Site
@@ -101,7 +101,7 @@ class SparseDense(nnx.Module):
             return self.base(x_btd, ctx) + self.delta(x_btd, ctx)
         # Shared: one matmul with the updated kernel (what a merged model computes).
         kernel = (self.base.kernel.value + self.diff()).astype(self.base.dtype)
-        return jnp.dot(x_btd.astype(self.base.dtype), kernel)
+        return matmul(x_btd.astype(self.base.dtype), kernel)
 
 
 def load_first_pass(workdir: str, model_config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
