@@ -297,3 +297,26 @@ def test_stacked_layout_round_trips_and_refuses_a_mixed_layout():
     states = stacking.layer_states(*stacking.stack_layers((trainable, frozen), stacks))
     with pytest.raises(ValueError, match="scan_layers=False"):
         model(False)(**unpacked_inputs(), layer_states=states)
+
+
+def test_consuming_conversion_frees_each_layer_once_stacked():
+    """`stack_placed(..., consume=True)` (what a scanned run does to its frozen base) builds
+    the same stacks as the non-consuming conversion and deletes every per-layer array it
+    stacked, so the base never exists twice; arrays outside the stacks are left alone."""
+    t5 = model(True, "lora")
+    stacks = stacking.scanned_stacks(t5.config)
+    _, _, frozen = nnx.split(t5, PeftParam, ...)
+    before = host(frozen)
+    kept = stacking.stack_placed(frozen, stacks)  # the per-layer arrays survive this one
+    consumed = stacking.stack_placed(frozen, stacks, consume=True)
+    flat = dict(nnx.to_flat_state(frozen))
+    in_layers = [p for p in flat if any(isinstance(k, int) for k in p)]
+    outside = [p for p in flat if p not in in_layers]
+    assert in_layers and outside  # e.g. the embedding and the final norms
+    assert all(flat[p].get_value().is_deleted() for p in in_layers)
+    assert not any(flat[p].get_value().is_deleted() for p in outside)
+    for a, b in zip(jax.tree.leaves(host(kept)), jax.tree.leaves(host(consumed)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(host(stacking.unstack_placed(consumed))),
+                    jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -76,7 +76,7 @@ def _split(value: Any) -> list:
     return [value[i] for i in range(value.shape[0])]
 
 
-def _stack_state(state: nnx.State, stacks: Sequence[str]) -> nnx.State:
+def _stack_state(state: nnx.State, stacks: Sequence[str], combine=_combine) -> nnx.State:
     prefixes = [tuple(s.split(".")) for s in stacks]
     flat, by_rest = [], {}
     for path, variable in nnx.to_flat_state(state):
@@ -94,7 +94,7 @@ def _stack_state(state: nnx.State, stacks: Sequence[str]) -> nnx.State:
                              "(config.peft.targets matching the same modules in each layer).")
         first = layers[0]
         axes = first.get_metadata().get("axes")
-        stacked = first.replace(value=_combine([layers[i].get_value() for i in range(len(layers))]),
+        stacked = first.replace(value=combine([layers[i].get_value() for i in range(len(layers))]),
                                 **({} if axes is None else {"axes": (LAYERS_AXIS, *axes)}))
         flat.append(((*stack, STACKED, *rest), stacked))
     return nnx.from_flat_state(flat)
@@ -175,13 +175,32 @@ def layer_states(*states: nnx.State) -> dict[str, nnx.State] | None:
 # ---- conversions of placed arrays (outside jit): the result placed like its source
 
 
-def stack_placed(tree: Any, stacks: Sequence[str]) -> Any:
+def stack_placed(tree: Any, stacks: Sequence[str], *, consume: bool = False) -> Any:
     """`stack_layers` of concrete, placed arrays: each stacked array sharded like its layers
-    with the layer axis replicated (a jitted program per `nnx.State`; other leaves are left
-    as they are). The per-layer arrays stay alive until the caller drops them."""
+    with the layer axis replicated (other leaves are left as they are).
+
+    With `consume`, each variable's per-layer arrays are deleted as soon as its stack is built,
+    so converting a frozen base takes memory for one more variable stack, not a second base;
+    the per-layer arrays (and any state holding them) must not be used afterwards.
+    """
     if not stacks:
         return tree
-    return _placed(lambda s: _stack_state(s, stacks), tree)
+
+    def combine(values: list[jax.Array]) -> jax.Array:
+        first = values[0]
+        like = jax.ShapeDtypeStruct(first.shape, first.dtype, sharding=first.sharding)
+        stacked = jax.jit(_stack_arrays, out_shardings=_combine([like]).sharding)(*values)
+        if consume:
+            for value in values:
+                value.delete()
+        return stacked
+
+    return jax.tree.map(lambda s: _stack_state(s, stacks, combine) if _is_state(s) else s,
+                        tree, is_leaf=_is_state)
+
+
+def _stack_arrays(*values: jax.Array) -> jax.Array:
+    return jnp.stack(values)
 
 
 def unstack_placed(tree: Any) -> Any:

@@ -141,10 +141,11 @@ def _train(config: ConfigDict, workdir: str, preemption: PreemptionWatch) -> dic
         state, meta = _restore(ckpt, state, exp)
         print(f"Resumed from step {int(state.step)} ({ckpt.directory}).", flush=True)
     # A scanned model trains in the stacked layout (one variable per layer stack, see
-    # peftjax.models.stacking); the per-layer frozen arrays are dropped once stacked.
+    # peftjax.models.stacking); each per-layer frozen array is freed once its stack is built,
+    # so the base never exists twice.
     stacks = stacking.scanned_stacks(exp.model_config)
     state = stacking.stack_placed(state, stacks)
-    exp.frozen = stacking.stack_placed(exp.frozen, stacks)
+    exp.frozen = stacking.stack_placed(exp.frozen, stacks, consume=True)
     start = int(state.step)
     # Every process reads the same global batches and keeps its rows: the data is the same
     # whatever the number of processes (a run may resume on another topology).
