@@ -298,7 +298,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     names = ["jax_matmul", "torch_matmul", "peftjax_lora", "hf_lora"]
     if not args.no_full_ft:
         names += ["peftjax_full", "hf_full"]
-    if not getattr(args, "no_bf16", False):
+    if not args.no_bf16:
         names += ["jax_matmul_bf16", "torch_matmul_bf16", "peftjax_lora_bf16", "hf_lora_bf16"]
     results: dict[str, Any] = {}
     for name in names:
