@@ -28,6 +28,7 @@ from peftjax.hyper import HyperBottleneck, HyperLoRADense, SiteGroup, SiteInfo, 
 from peftjax.hyper.condition import EOS_ID, description_tokens
 from peftjax.hyper.generator import Output
 from peftjax.models import Context
+from peftjax.models.context import layer_context, split_generated
 from peftjax.models.layers import RMSNorm
 from peftjax.peft import FrozenAdapter, module_paths
 from peftjax.peft.norm_tuning import TunedRMSNorm
@@ -139,6 +140,15 @@ def test_site_group_matches_float64(site_embeddings):
 # --------------------------------------------------------------------- the adapted sites
 
 
+def site_context(model, ctx, path):
+    """What the layer holding the site at `path` passes its sites: `ctx` (the model's) with
+    that layer's generated weights under the site's layer path."""
+    stack, index = path.rsplit(".layers.", 1)[0] + ".layers", int(path.split(".")[2])
+    num_layers = getattr(model.config, f"num_{stack.split('.')[0]}_layers")
+    rest, per_layer = split_generated(ctx, stack, num_layers)
+    return layer_context(rest, index, per_layer[index])
+
+
 def bottleneck_reference(h_btd, weights, rows_bt, scale):
     """float64 `h + s LN(U silu(D h + b_D) + b_U)`, each token with its row's weights."""
     w = {k: f64(v)[rows_bt] for k, v in weights.items()}  # [b, t, ...]
@@ -172,7 +182,9 @@ def test_hyperformer_pp_bottleneck_matches_float64(ids):
         assert isinstance(site, HyperBottleneck)
         weights = ctx.generated[path]
         assert weights["down"].shape == (13, 64, 4) and weights["norm_bias"].shape == (13, 64)
-        got = site(jnp.asarray(h), ctx)
+        with pytest.raises(ValueError, match="call the whole model"):
+            site(jnp.asarray(h), ctx)  # the model's context: not the layer's
+        got = site(jnp.asarray(h), site_context(model, ctx, path))
         expected = bottleneck_reference(h, weights, token_rows(ids, 5), 0.7)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         assert np.max(np.abs(expected - f64(h))) > 0.1  # the adapter is not a no-op
@@ -197,7 +209,8 @@ def test_text_to_lora_dense_matches_float64(ids):
     a, b = f64(w["a"])[rows], f64(w["b"])[rows]
     delta = np.einsum("btd,btdr,btro->bto", f64(x), a, b) * 5.0 / 4
     expected = f64(x) @ f64(site.base.kernel.get_value()) + delta
-    np.testing.assert_allclose(site(jnp.asarray(x), enc_ctx), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(site(jnp.asarray(x), site_context(model, enc_ctx, path)),
+                               expected, rtol=1e-5, atol=1e-5)
     assert np.max(np.abs(delta)) > 0.1
 
 

@@ -10,7 +10,10 @@
                   sites of one shape share heads.
 
 Every site reads its weights from `Context.generated` (made once per call by the model's
-`HyperNetwork`, see `generator.py`), so a site holds no parameters.
+`HyperNetwork`, see `generator.py`), so a site holds no parameters. A site inside a layer knows
+itself by its `layer_path` (`encoder.layers.*.post_ffn`): its layer's context carries that
+layer's weights under that name (`context.split_generated`), so every layer of a stack holds
+the same static data and the stack can run as one scan.
 Bottlenecks follow rabeehk/hyperformer: after self-attention and after the FFN, before the
 residual add; `h + LN_cond(U act(D h + b_D) + b_U)`; projector MLP 128 -> 64 + LayerNorm;
 every hypernetwork layer N(0, 0.01²) with zero biases.
@@ -25,10 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.config import ConfigError
 from peftjax.hyper.condition import Conditioner
 from peftjax.hyper.generator import HyperNetwork, Output, SiteGroup, SiteInfo
-from peftjax.models.context import Context, dropout, site_salt
+from peftjax.models.context import Context, dropout, layer_path, site_salt
 from peftjax.models.layers import Dense, Hook, RMSNorm, activation_fn
 from peftjax.peft.bottleneck import bottleneck_delta
 from peftjax.peft.config import PeftConfig
@@ -42,7 +44,8 @@ _SITES = "hyper_sites"  # key of Site.shared: the SiteInfo (+ shapes) each build
 
 def generated(ctx: Context, path: str) -> tuple[dict[str, jax.Array], jax.Array]:
     """This site's generated weights `{name: [rows, ...]}` and the rows each example / token
-    uses, from the context the model's hypernetwork filled in."""
+    uses, from the context the model's hypernetwork filled in (for a site inside a layer,
+    `path` is its `layer_path` and the context its layer's)."""
     if ctx.generated is None or path not in ctx.generated:
         raise ValueError(f"{path} applies adapter weights that the model's hypernetwork "
                          "generates per call: call the whole model (or greedy_decode), whose "
@@ -117,18 +120,7 @@ def _record(site: Site, info: SiteInfo, key: str, outputs: dict[str, Output]) ->
     site.shared.setdefault(_SITES, []).append((info, key, outputs))
 
 
-def _check_unrolled(site: Site, config: PeftConfig) -> None:
-    """Generated weights are looked up by site path, a per-layer name a scanned stack (one
-    structure for every layer) cannot hold."""
-    if site.model_config.scan_layers:
-        raise ConfigError(
-            f"config.peft.method={config.method!r} applies weights its hypernetwork generates "
-            "per site, looked up by each layer's path, so its layers differ and cannot run as "
-            "one scan. Set config.model.scan_layers=False (config.model.remat still works).")
-
-
 def _build_bottleneck(hook: Hook, site: Site, config: PeftConfig) -> HyperBottleneck:
-    _check_unrolled(site, config)
     d = site.model_config.d_model
     m = d // config.reduction_factor
     if m <= 0:
@@ -137,17 +129,16 @@ def _build_bottleneck(hook: Hook, site: Site, config: PeftConfig) -> HyperBottle
     info = SiteInfo.of(site.path)
     # HyperFormer(++) keeps one hypernetwork per stack, as the reference (encoder / decoder).
     _record(site, info, site.path.split(".")[0], bottleneck_outputs(d, m, norm=config.hyper_norm))
-    return HyperBottleneck(site.path, activation=config.adapter_activation,
+    return HyperBottleneck(layer_path(site.path), activation=config.adapter_activation,
                            scale=config.adapter_scale)
 
 
 def _build_lora(dense: Dense, site: Site, config: PeftConfig) -> HyperLoRADense:
-    _check_unrolled(site, config)
     outputs = lora_outputs(dense.in_features, dense.out_features, config.rank,
                            config.hyper_proj_dim)
     # Sites of one shape share heads; module type and layer tell them apart.
     _record(site, SiteInfo.of(site.path), f"{dense.in_features}x{dense.out_features}", outputs)
-    return HyperLoRADense(dense, site.path, scale=config.alpha / config.rank,
+    return HyperLoRADense(dense, layer_path(site.path), scale=config.alpha / config.rank,
                           dropout_rate=config.dropout)
 
 

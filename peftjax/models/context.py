@@ -58,19 +58,51 @@ def site_salt(name: str) -> int:
     so every layer of a stack holds the same static data and the stack can run as one
     `jax.lax.scan` (`T5Config.scan_layers`).
     """
-    return zlib.crc32(_LAYER_INDEX.sub("layers.*", name).encode()) & 0x7FFFFFFF
+    return zlib.crc32(layer_path(name).encode()) & 0x7FFFFFFF
 
 
 _LAYER_INDEX = re.compile(r"(?<![^.])layers\.\d+(?![^.])")
 
 
-def layer_context(ctx: Context, index: int | jax.Array) -> Context:
+def layer_path(path: str) -> str:
+    """`path` with its layer index starred (`encoder.layers.3.mlp` -> `encoder.layers.*.mlp`):
+    the name a module inside a layer knows itself by, the same in every layer of a stack."""
+    return _LAYER_INDEX.sub("layers.*", path)
+
+
+def layer_context(ctx: Context, index: int | jax.Array,
+                  generated: dict[str, dict[str, jax.Array]] | None = None) -> Context:
     """The context of layer `index` of a stack: its dropout key folded with the index (a Python
     int when the stack is unrolled, a traced one inside a scan: both give the same key), so
-    layers draw different masks from the same per-site salts."""
+    layers draw different masks from the same per-site salts; and with `generated` (this
+    layer's entry of `split_generated`), the layer's generated weights under their
+    `layer_path`s."""
+    if generated:
+        ctx = ctx.replace(generated={**(ctx.generated or {}), **generated})
     if ctx.dropout_key is None:
         return ctx
     return ctx.replace(dropout_key=jax.random.fold_in(ctx.dropout_key, index))
+
+
+def split_generated(ctx: Context, stack: str,
+                    num_layers: int) -> tuple[Context, list[dict[str, dict]] | None]:
+    """`ctx` without the generated weights of `stack`'s layers (`{stack}.{i}.<site>`), and
+    those weights by layer: one `{layer_path: weights}` per layer, or None when the stack has
+    none. Each layer's context then carries its own weights under names that do not depend on
+    the layer (`layer_context(rest, i, per_layer[i])`), so a stack of hypernetwork sites can
+    run as one scan, its weights stacked and sliced like the layers' parameters."""
+    prefix = f"{stack}."
+    per_layer: list[dict[str, dict]] = [{} for _ in range(num_layers)]
+    rest = {}
+    for path, weights in (ctx.generated or {}).items():
+        index, _, site = path.removeprefix(prefix).partition(".")
+        if path.startswith(prefix) and index.isdigit():
+            per_layer[int(index)][f"{stack}.*.{site}"] = weights
+        else:
+            rest[path] = weights
+    if not any(per_layer):
+        return ctx, None
+    return ctx.replace(generated=rest), per_layer
 
 
 def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:

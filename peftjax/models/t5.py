@@ -36,7 +36,7 @@ from flax import nnx
 
 from peftjax.models.attention import Attention, RelativePositionBias, mask_to_bias
 from peftjax.models.config import T5Config
-from peftjax.models.context import Context, dropout, layer_context, site_salt
+from peftjax.models.context import Context, dropout, layer_context, site_salt, split_generated
 from peftjax.models.layers import Dense, Embed, EmbeddingHook, Hook, RMSNorm, activation_fn
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values: [batch, max_length, heads, d_kv]
@@ -162,11 +162,13 @@ def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_la
     or rematerialised layer comes back as outputs and is written to that layer's modules, as an
     unrolled call would have recorded it.
     """
+    ctx, generated = split_generated(ctx, name, len(layers))  # hypernetwork weights, by layer
     if not cfg.scan_layers and cfg.remat == "none":
         ys = []
         for i, layer in enumerate(layers):
             x = None if per_layer is None else per_layer[i]
-            carry, y = call(layer, carry, x, layer_context(ctx, i), i)
+            layer_ctx = layer_context(ctx, i, None if generated is None else generated[i])
+            carry, y = call(layer, carry, x, layer_ctx, i)
             ys.append(y)
         return carry, ys
     # The recorded intermediates (a `capture` in progress) are per call, not stacked.
@@ -176,7 +178,8 @@ def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_la
         for i, (layer, (graphdef, recorded, state)) in enumerate(zip(layers, parts, strict=True)):
             body = _layer_body(graphdef, recorded, call, ctx, cfg)
             x = None if per_layer is None else per_layer[i]
-            carry, (y, recorded_now) = body(carry, (state, x, jnp.int32(i)))
+            weights = None if generated is None else generated[i]
+            carry, (y, recorded_now) = body(carry, (state, x, weights, jnp.int32(i)))
             _write_recorded(layer, recorded_now)
             ys.append(y)
         return carry, ys
@@ -185,9 +188,12 @@ def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_la
     stacked = (ctx.layer_states or {}).get(name)
     if stacked is None:  # per-layer state: stack it (a copy per call; see models.stacking)
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(s for _, _, s in parts))
+    if generated is not None:  # alike layers have the same sites: one stack per weight
+        generated = jax.tree.map(lambda *leaves: jnp.stack(leaves), *generated)
     body = _layer_body(graphdef, recorded, call, ctx, cfg)
     carry, (ys, recorded_all) = jax.lax.scan(
-        body, carry, (stacked, per_layer, jnp.arange(len(layers), dtype=jnp.int32)))
+        body, carry,
+        (stacked, per_layer, generated, jnp.arange(len(layers), dtype=jnp.int32)))
     for i, layer in enumerate(layers):
         _write_recorded(layer, jax.tree.map(lambda a, i=i: a[i], recorded_all))
     return carry, ys
@@ -195,15 +201,15 @@ def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_la
 
 def _layer_body(graphdef: nnx.GraphDef, recorded: nnx.State, call: LayerCall, ctx: Context,
                 cfg: T5Config):
-    """`body(carry, (state, x, index)) -> (carry, (y, recorded))`: one layer as a pure function
-    of its state, rematerialised by `cfg.remat`."""
+    """`body(carry, (state, x, generated, index)) -> (carry, (y, recorded))`: one layer as a
+    pure function of its state (and its hypernetwork weights), rematerialised by `cfg.remat`."""
     kinds = [(path, type(v)) for path, v in nnx.to_flat_state(recorded)]
 
     def body(carry, inputs):
-        state, x, index = inputs
+        state, x, generated, index = inputs
         empty = nnx.from_flat_state([(path, kind({})) for path, kind in kinds])  # fresh records
         layer = nnx.merge(graphdef, empty, state)
-        carry, y = call(layer, carry, x, layer_context(ctx, index), index)
+        carry, y = call(layer, carry, x, layer_context(ctx, index, generated), index)
         return carry, (y, _recorded(layer))
 
     if cfg.remat == "none":
@@ -367,9 +373,11 @@ class Decoder(nnx.Module):
         self_bias = self.relative_attention_bias.row(index, max_length) + mask_to_bias(causal)
         new_caches = []
         cross_kv = _unstacked(cross_kv, len(self.layers))
+        ctx, generated = split_generated(ctx, "decoder.layers", len(self.layers))
         for i, (layer, kv, cache) in enumerate(zip(self.layers, cross_kv, caches, strict=True)):
-            y_b1d, cache = layer(y_b1d, kv, self_bias, cross_bias, layer_context(ctx, i),
-                                 cache=cache, index=index)
+            layer_ctx = layer_context(ctx, i, None if generated is None else generated[i])
+            y_b1d, cache = layer(y_b1d, kv, self_bias, cross_bias, layer_ctx, cache=cache,
+                                 index=index)
             new_caches.append(cache)
         return self.final_norm(y_b1d, ctx), new_caches
 
