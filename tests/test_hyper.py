@@ -143,8 +143,9 @@ def test_site_group_matches_float64(site_embeddings):
 def site_context(model, ctx, path):
     """What the layer holding the site at `path` passes its sites: `ctx` (the model's) with
     that layer's generated weights under the site's layer path."""
-    stack, index = path.rsplit(".layers.", 1)[0] + ".layers", int(path.split(".")[2])
-    num_layers = getattr(model.config, f"num_{stack.split('.')[0]}_layers")
+    coder, layers, index = path.split(".")[:3]  # e.g. encoder, layers, 1
+    stack, index = f"{coder}.{layers}", int(index)
+    num_layers = getattr(model.config, f"num_{coder}_layers")
     rest, per_layer = split_generated(ctx, stack, num_layers)
     return layer_context(rest, index, per_layer[index])
 

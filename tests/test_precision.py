@@ -159,13 +159,13 @@ def test_bfloat16_products_and_their_gradients_accumulate_in_float32():
     def loss(x, w_io):
         return jnp.sum(layers.matmul(x, w_io).astype(jnp.float32) * c)
 
-    x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w_io, c))
+    x64, w64 = (np.asarray(a, np.float64) for a in (x, w_io))
+    g64 = np.asarray(c.astype(jnp.bfloat16), np.float64)  # the cotangent the gradient sees
     y = layers.matmul(x, w_io)
     dx, dw = jax.grad(loss, argnums=(0, 1))(x, w_io)
     assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
-    for got, want in [(y, x64 @ w64), (dx, np.asarray(c64.astype(np.float32).astype(
-            jnp.bfloat16), np.float64) @ w64.T), (dw, np.einsum("bti,bto->io", x64, np.asarray(
-            c64.astype(np.float32).astype(jnp.bfloat16), np.float64)))]:
+    for got, want in [(y, x64 @ w64), (dx, g64 @ w64.T),
+                      (dw, np.einsum("bti,bto->io", x64, g64))]:
         # One rounding to bfloat16 (2^-9 relative) of a float32 accumulation.
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8,
                                    atol=1e-3 * np.abs(want).max())

@@ -85,24 +85,21 @@ def layer_context(ctx: Context, index: int | jax.Array,
 
 
 def split_generated(ctx: Context, stack: str,
-                    num_layers: int) -> tuple[Context, list[dict[str, dict]] | None]:
+                    num_layers: int) -> tuple[Context, list[dict[str, dict]]]:
     """`ctx` without the generated weights of `stack`'s layers (`{stack}.{i}.<site>`), and
-    those weights by layer: one `{layer_path: weights}` per layer, or None when the stack has
-    none. Each layer's context then carries its own weights under names that do not depend on
+    those weights by layer: one `{layer_path: weights}` per layer (empty when the stack has
+    none). Each layer's context then carries its own weights under names that do not depend on
     the layer (`layer_context(rest, i, per_layer[i])`), so a stack of hypernetwork sites can
     run as one scan, its weights stacked and sliced like the layers' parameters."""
-    prefix = f"{stack}."
     per_layer: list[dict[str, dict]] = [{} for _ in range(num_layers)]
     rest = {}
     for path, weights in (ctx.generated or {}).items():
-        index, _, site = path.removeprefix(prefix).partition(".")
-        if path.startswith(prefix) and index.isdigit():
+        index, _, site = path.removeprefix(f"{stack}.").partition(".")
+        if path.startswith(f"{stack}.") and index.isdigit():
             per_layer[int(index)][f"{stack}.*.{site}"] = weights
         else:
             rest[path] = weights
-    if not any(per_layer):
-        return ctx, None
-    return ctx.replace(generated=rest), per_layer
+    return (ctx.replace(generated=rest) if any(per_layer) else ctx), per_layer
 
 
 def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:

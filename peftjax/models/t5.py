@@ -167,8 +167,7 @@ def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_la
         ys = []
         for i, layer in enumerate(layers):
             x = None if per_layer is None else per_layer[i]
-            layer_ctx = layer_context(ctx, i, None if generated is None else generated[i])
-            carry, y = call(layer, carry, x, layer_ctx, i)
+            carry, y = call(layer, carry, x, layer_context(ctx, i, generated[i]), i)
             ys.append(y)
         return carry, ys
     # The recorded intermediates (a `capture` in progress) are per call, not stacked.
@@ -178,8 +177,7 @@ def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_la
         for i, (layer, (graphdef, recorded, state)) in enumerate(zip(layers, parts, strict=True)):
             body = _layer_body(graphdef, recorded, call, ctx, cfg)
             x = None if per_layer is None else per_layer[i]
-            weights = None if generated is None else generated[i]
-            carry, (y, recorded_now) = body(carry, (state, x, weights, jnp.int32(i)))
+            carry, (y, recorded_now) = body(carry, (state, x, generated[i], jnp.int32(i)))
             _write_recorded(layer, recorded_now)
             ys.append(y)
         return carry, ys
@@ -188,8 +186,8 @@ def run_layers(layers: Sequence[nnx.Module], call: LayerCall, carry: Any, per_la
     stacked = (ctx.layer_states or {}).get(name)
     if stacked is None:  # per-layer state: stack it (a copy per call; see models.stacking)
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(s for _, _, s in parts))
-    if generated is not None:  # alike layers have the same sites: one stack per weight
-        generated = jax.tree.map(lambda *leaves: jnp.stack(leaves), *generated)
+    # Alike layers have the same sites: one stack per generated weight.
+    generated = jax.tree.map(lambda *leaves: jnp.stack(leaves), *generated)
     body = _layer_body(graphdef, recorded, call, ctx, cfg)
     carry, (ys, recorded_all) = jax.lax.scan(
         body, carry,
@@ -375,9 +373,8 @@ class Decoder(nnx.Module):
         cross_kv = _unstacked(cross_kv, len(self.layers))
         ctx, generated = split_generated(ctx, "decoder.layers", len(self.layers))
         for i, (layer, kv, cache) in enumerate(zip(self.layers, cross_kv, caches, strict=True)):
-            layer_ctx = layer_context(ctx, i, None if generated is None else generated[i])
-            y_b1d, cache = layer(y_b1d, kv, self_bias, cross_bias, layer_ctx, cache=cache,
-                                 index=index)
+            y_b1d, cache = layer(y_b1d, kv, self_bias, cross_bias,
+                                 layer_context(ctx, i, generated[i]), cache=cache, index=index)
             new_caches.append(cache)
         return self.final_norm(y_b1d, ctx), new_caches
 
